@@ -1,0 +1,1 @@
+"""Everything that touches frames: decode, faces, alignment, compositing, encode, jobs."""

@@ -1,0 +1,374 @@
+"""The restore pipeline: one video file in, the same file with faces restored out.
+
+    reader -> analyzer -> dispatcher <-> workers -> writer
+    (demux,   (faces,     (ZeroMQ:          (GPEN,   (reorder done, composite,
+     decode)   tracks,     credits,          temporal  encode, copy other
+               crops)      affinity)         state)    streams)
+
+Each arrow is a bounded queue and at most ``max_frames_in_flight`` frames are between the
+reader and the writer, so memory does not grow with the file's length. Any stage's failure
+stops every stage, deletes the partial output and is raised from ``restore_file``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from configs import RestoreSettings, WorkerSettings
+from streamer.align import AlignmentError, alignment
+from streamer.composite import Compositor, cut_crop, prepare_face
+from streamer.dispatch import CropTask, Dispatcher, FrameTask, WorkerLink
+from streamer.faces import Face, display_transform, face_record, read_faces_file, transform_face
+from streamer.media import DecodedFrame, MediaError, Reader, VideoInfo, Writer, luma, probe
+from streamer.track import FaceTracker, SceneCutDetector
+from streamer.yuv import YUVLayout
+from workers import metrics
+from workers.pool import start_local_workers
+from workers.restorers import IDENTITY, crop_size
+
+log = logging.getLogger(__name__)
+
+_END = object()
+PASSTHROUGH_LEAD_S = 0.5  # copy other streams' packets up to this far ahead of the video
+WORKER_START_TIMEOUT_S = 300.0
+
+
+class RestoreCancelled(RuntimeError):
+    """The job was cancelled; no output was written."""
+
+
+@dataclass
+class Progress:
+    frames_done: int
+    frames_total: int  # 0 if unknown
+    elapsed_s: float
+
+    @property
+    def fps(self) -> float:
+        return self.frames_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def fraction(self) -> float | None:
+        return min(1.0, self.frames_done / self.frames_total) if self.frames_total else None
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.frames_total or not self.frames_done:
+            return None
+        return max(0.0, (self.frames_total - self.frames_done) / self.fps)
+
+
+@dataclass
+class RestoreResult:
+    output: Path
+    frames: int
+    faces: int
+    corrupt_frames: int
+    elapsed_s: float
+    fixed_pts: int
+    timings: dict[str, float] = field(default_factory=dict)  # busy seconds per stage
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.elapsed_s if self.elapsed_s else 0.0
+
+
+class _Run:
+    """Shared stop flag and first error of a pipeline run."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.timings: dict[str, float] = {}
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+        self.stop.set()
+
+    def spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
+        def guarded():
+            try:
+                target()
+            except _Stopped:
+                pass
+            except BaseException as exc:  # surfaced by restore_file
+                self.fail(exc)
+
+        thread = threading.Thread(target=guarded, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def put(self, q: queue.Queue, item) -> None:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def get(self, q: queue.Queue):
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+    def timed(self, stage: str, started: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Analyzer:
+    """Per frame: faces (detector or faces file) -> tracks -> smoothed landmarks -> crops."""
+
+    def __init__(self, info: VideoInfo, settings: RestoreSettings, size: int, layout: YUVLayout, *,
+                 faces_by_frame: dict[int, list[Face]] | None, detector, dump_to=None):
+        self.info, self.settings, self.size, self.layout = info, settings, size, layout
+        self.faces_by_frame, self.detector, self.dump_to = faces_by_frame, detector, dump_to
+        self.use_flow = detector is not None
+        self.tracker = FaceTracker(iou_min=settings.track_iou, max_missing=settings.track_max_missing,
+                                   fill_gaps=self.use_flow, smooth=settings.temporal != "off",
+                                   min_cutoff=settings.smooth_min_cutoff, beta=settings.smooth_beta)
+        self.cuts = SceneCutDetector(settings.scene_cut_threshold)
+        self.to_display = display_transform(info.width, info.height, info.rotation_steps)
+        self.to_coded = np.linalg.inv(self.to_display)
+        self._last_detect = -10**9
+        self.faces_seen = 0
+        self.detect_s = 0.0
+
+    def __call__(self, item: DecodedFrame) -> FrameTask:
+        if item.frame.format.name != self.layout.pix_fmt:  # once, for analysis and for the encoder
+            item.frame = item.frame.reformat(format=self.layout.pix_fmt, dst_colorspace=self.layout.colorspace,
+                                             dst_color_range=self.layout.color_range)
+        frame = item.frame
+        gray = luma(frame)
+        if self.cuts(gray):
+            log.debug("scene cut at frame %d", item.index)
+            self.tracker.reset()
+            self._last_detect = -10**9
+        rgb = None
+        if self.faces_by_frame is not None:
+            detections = [transform_face(f, self.to_coded) for f in self.faces_by_frame.get(item.index, [])]
+        elif item.index - self._last_detect >= self.settings.detect_every:
+            started = time.perf_counter()
+            rgb = frame.to_ndarray(format="rgb24")
+            detections = self.detector.detect(rgb, self.info.rotation_steps)
+            self.detect_s += time.perf_counter() - started
+            self._last_detect = item.index
+        else:
+            detections = None
+        faces = self.tracker.update(item.time_s, detections, gray if self.use_flow else None)
+        faces = [f for f in faces if f.size >= self.settings.min_face]
+        task = FrameTask(item.index, item, ended_tracks=self.tracker.take_ended())
+        for face in faces:
+            try:
+                affine = alignment(face.landmarks, self.size)
+            except AlignmentError as exc:
+                log.warning("frame %d: skipping a face: %s", item.index, exc)
+                continue
+            crop = cut_crop(frame, self.layout, affine, self.size)
+            if crop is not None:
+                task.crops.append(CropTask(item.index, len(task.crops), face.track, affine, crop, item.pts))
+        self.faces_seen += len(task.crops)
+        if self.dump_to is not None and faces:
+            shown = [transform_face(f, self.to_display) for f in faces]
+            self.dump_to.write(json.dumps(face_record(item.index, shown)) + "\n")
+        return task
+
+
+def _load_detector(settings: RestoreSettings, worker: WorkerSettings):
+    from streamer.detect import FaceDetector, load_retinaface
+    from workers.restorers import resolve_device
+
+    net = load_retinaface(settings.detector, resolve_device(worker.device))
+    return FaceDetector(net, threshold=settings.detect_threshold, max_side=settings.detect_max_side)
+
+
+def restore_file(input_path: str | Path, output_path: str | Path, settings: RestoreSettings,
+                 worker_settings: WorkerSettings, *, faces_file: str | Path | None = None,
+                 dump_faces: str | Path | None = None, progress: Callable[[Progress], None] | None = None,
+                 cancel: threading.Event | None = None) -> RestoreResult:
+    """Restore the faces in ``input_path`` and write ``output_path`` (atomically)."""
+    started = time.monotonic()
+    info = probe(input_path)
+    output_path = Path(output_path)
+    if output_path.resolve() == Path(input_path).resolve():
+        raise MediaError("output must not be the input file")
+    weights = settings.weights
+    if weights is None and settings.model != IDENTITY:
+        from gpen.weights import ensure
+
+        weights = ensure(settings.model)  # fetched and verified before any work starts
+    size = crop_size(settings.model, weights)
+    faces_by_frame = read_faces_file(faces_file) if faces_file is not None else None
+    detector = None if faces_by_frame is not None else _load_detector(settings, worker_settings)
+
+    run = _Run()
+    context = zmq.Context.instance()
+    pool = start_local_workers(settings.model, weights, worker_settings, count=settings.workers,
+                               isolate=settings.isolate_workers, context=context)
+    links = [WorkerLink(context, w.endpoint, is_alive=w.is_alive, describe=w.describe) for w in pool.workers]
+    dispatcher = Dispatcher(links, job=uuid.uuid4().hex[:12], model=settings.model, size=size,
+                            temporal=settings.temporal, timeout_s=settings.worker_timeout_s)
+    reader = writer = dump = None
+    try:
+        dispatcher.wait_ready(WORKER_START_TIMEOUT_S)
+        reader = Reader(info, strict=settings.corrupt_frames == "fail")
+        writer = Writer(output_path, info, reader.copied, codec=settings.codec, crf=settings.crf,
+                        preset=settings.preset)
+        dump = open(dump_faces, "w", encoding="utf-8") if dump_faces else None
+        layout = YUVLayout(writer.pix_fmt, info.colorspace, info.color_range)
+        analyzer = Analyzer(info, settings, size, layout, faces_by_frame=faces_by_frame, detector=detector,
+                            dump_to=dump)
+        compositor = Compositor(layout, mask_inset=settings.mask_inset, mask_feather=settings.mask_feather)
+        counters = _Counters()
+        stages = _Stages(run, reader, analyzer, dispatcher, writer, compositor, settings, counters)
+        threads = [run.spawn(name, fn) for name, fn in stages.all()]
+        total = info.expected_frames
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.2)
+            if cancel is not None and cancel.is_set():
+                run.fail(RestoreCancelled("cancelled"))
+            if progress is not None:
+                progress(Progress(counters.frames, total, time.monotonic() - started))
+        if run.error is not None:
+            raise run.error
+        writer.commit()
+        if progress is not None:
+            progress(Progress(counters.frames, counters.frames, time.monotonic() - started))
+        timings = dict(run.timings, detect=analyzer.detect_s)
+        return RestoreResult(output_path, counters.frames, counters.faces, reader.corrupt,
+                             time.monotonic() - started, writer.fixed_pts, timings)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        run.stop.set()
+        if dump is not None:
+            dump.close()
+        if reader is not None:
+            reader.close()
+        dispatcher.close()
+        pool.stop()
+
+
+@dataclass
+class _Counters:
+    frames: int = 0
+    faces: int = 0
+
+
+class _Stages:
+    """The pipeline's threads, each a loop over its input queue."""
+
+    def __init__(self, run: _Run, reader: Reader, analyzer: Analyzer, dispatcher: Dispatcher, writer: Writer,
+                 compositor: Compositor, settings: RestoreSettings, counters: _Counters):
+        self.run, self.reader, self.analyzer, self.dispatcher = run, reader, analyzer, dispatcher
+        self.writer, self.compositor, self.settings, self.counters = writer, compositor, settings, counters
+        self.decoded: queue.Queue = queue.Queue(maxsize=8)
+        self.analyzed: queue.Queue = queue.Queue(maxsize=8)
+        self.ordered: queue.Queue = queue.Queue()  # bounded by max_frames_in_flight upstream
+        self.packets: deque = deque()  # other streams' packets, in demux order
+
+    def all(self):
+        return [("reader", self.read), ("analyzer", self.analyze), ("dispatcher", self.dispatch),
+                ("writer", self.write)]
+
+    def read(self) -> None:
+        run = self.run
+        frames = self.reader.frames(self.packets.append)
+        while True:
+            started = time.perf_counter()
+            item = next(frames, _END)
+            run.timed("decode", started)
+            run.put(self.decoded, item)
+            if item is _END:
+                return
+
+    def analyze(self) -> None:
+        run = self.run
+        while (item := run.get(self.decoded)) is not _END:
+            started = time.perf_counter()
+            task = self.analyzer(item)
+            run.timed("analyze", started)
+            run.put(self.analyzed, task)
+        run.put(self.analyzed, _END)
+
+    def dispatch(self) -> None:
+        run, dispatcher = self.run, self.dispatcher
+        limit = self.settings.max_frames_in_flight
+        reorder: dict[int, FrameTask] = {}
+        next_index, upstream_done = 0, False
+        while not run.stop.is_set():
+            while not upstream_done and dispatcher.frames_in_flight + len(reorder) < limit:
+                try:
+                    task = self.analyzed.get(timeout=0.02 if dispatcher.frames_in_flight == 0 else 0)
+                except queue.Empty:
+                    break
+                if task is _END:
+                    upstream_done = True
+                else:
+                    dispatcher.submit(task)
+            for task in dispatcher.pump(timeout_ms=10):
+                reorder[task.index] = task
+            while next_index in reorder:
+                self.ordered.put(reorder.pop(next_index))
+                next_index += 1
+            if upstream_done and dispatcher.frames_in_flight == 0 and not reorder:
+                self.ordered.put(_END)
+                return
+
+    def write(self) -> None:
+        run, writer = self.run, self.writer
+        while (task := run.get(self.ordered)) is not _END:
+            started = time.perf_counter()
+            frame = self._compose(task)
+            run.timed("compose", started)
+            started = time.perf_counter()
+            writer.write(frame, task.item.pts, task.index)
+            self._copy_packets(until_s=task.item.time_s + PASSTHROUGH_LEAD_S)
+            run.timed("encode", started)
+            self.counters.frames += 1
+            self.counters.faces += len(task.crops)
+            metrics.FRAMES_WRITTEN.inc()
+        self._copy_packets(until_s=None)
+
+    def _compose(self, task: FrameTask):
+        frame, compositor = task.item.frame, self.compositor  # the analyzer put it in the output's layout
+        if task.crops:
+            frame.make_writable()
+            s = self.settings
+            faces = [(prepare_face(c.crop, task.restored[c.face], strength=s.strength, color_match=s.color_match,
+                                   mask=compositor.mask(c.crop.shape[0])), c.affine) for c in task.crops]
+            metrics.FACES_PASTED.inc(compositor.paste(frame, faces))
+        return frame
+
+    def _copy_packets(self, until_s: float | None) -> None:
+        while self.packets:
+            packet = self.packets[0]
+            ts = packet.dts if packet.dts is not None else packet.pts
+            if until_s is not None and ts is not None and float(ts * packet.time_base) > until_s:
+                return
+            self.writer.copy(self.packets.popleft())

@@ -1,0 +1,1 @@
+"""Inference workers: receive aligned crops over ZeroMQ, batch them, run GPEN, reply."""

@@ -1,0 +1,180 @@
+"""The inference worker: one per device. It binds a ZeroMQ ROUTER socket, hands out credits to
+decoders, batches their crops across frames, tracks and jobs, runs the restorer, keeps each
+track's temporal state, and replies.
+
+It runs as a thread inside ``gpen-stream restore`` (``inproc://``) or as its own process
+(``gpen-stream worker --endpoint ipc://...|tcp://...``). SIGTERM (or the stop event) makes it
+finish the crops it already holds, then exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from workers import metrics, wire
+from workers.restorers import Restorer
+from workers.temporal import TemporalBlender
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+
+
+@dataclass
+class _Pending:
+    peer: bytes
+    crop: wire.Crop
+    pixels: np.ndarray
+    arrived: float
+
+
+class Worker:
+    def __init__(self, restorers: dict[str, Restorer], *, batch: int = 4, batch_wait_ms: float = 20,
+                 credits: int = 0, device: str = "cpu", blender: TemporalBlender | None = None,
+                 context: zmq.Context | None = None, worker_id: str | None = None):
+        self.restorers = restorers
+        self.batch = batch
+        self.batch_wait = batch_wait_ms / 1000
+        self.window = credits or 2 * batch
+        self.device = device
+        self.blender = blender if blender is not None else TemporalBlender()  # an empty blender is falsy
+        self.id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self.context = context or zmq.Context.instance()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.endpoint: str | None = None
+        self.stop_event = threading.Event()
+        self._pending: dict[str, deque[_Pending]] = {name: deque() for name in restorers}
+        self._peers: dict[bytes, float] = {}
+        self._last_heartbeat = 0.0
+
+    def bind(self, endpoint: str) -> str:
+        """Bind and return the actual endpoint (tcp://host:0 picks a free port)."""
+        self.socket.bind(endpoint)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    def serve(self) -> None:
+        """Until stop_event is set; then the crops already received are finished and sent."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        log.info("worker %s serving %s on %s (%s)", self.id, ", ".join(self.restorers), self.endpoint, self.device)
+        try:
+            while not self.stop_event.is_set():
+                if poller.poll(self._poll_timeout_ms()):
+                    self._drain()
+                self._run_ready_batches(flush=False)
+                self._heartbeat()
+            self._drain()
+            self._run_ready_batches(flush=True)
+        finally:
+            self.socket.close()
+            log.info("worker %s stopped", self.id)
+
+    # ------------------------------------------------------------------ receive
+
+    def _poll_timeout_ms(self) -> int:
+        oldest = min((q[0].arrived for q in self._pending.values() if q), default=None)
+        if oldest is None:
+            return 100
+        return max(0, int((oldest + self.batch_wait - time.monotonic()) * 1000))
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            peer, body = frames[0].bytes, frames[1:]
+            try:
+                header, pixels = wire.decode(body)
+            except wire.WireError as exc:
+                metrics.WIRE_INVALID.labels(side="worker").inc()
+                log.warning("dropped an invalid message from %s: %s", peer.hex(), exc)
+                continue
+            self._handle(peer, header, pixels)
+
+    def _handle(self, peer: bytes, header, pixels) -> None:
+        if isinstance(header, wire.Hello):
+            self._peers[peer] = time.monotonic()
+            self._send(peer, self._credit(self.window))
+        elif isinstance(header, wire.Crop):
+            if header.model not in self.restorers or self.restorers[header.model].size != header.size:
+                self._send(peer, wire.Error(job=header.job, frame=header.frame, track=header.track, face=header.face,
+                                            reason=f"model {header.model} at {header.size}px is not served here "
+                                                   f"(serving {', '.join(self.restorers)})", worker=self.id))
+                return
+            self._pending[header.model].append(_Pending(peer, header, pixels, time.monotonic()))
+        elif isinstance(header, wire.EndTrack):
+            self.blender.drop((peer, header.job, header.track))
+        elif isinstance(header, wire.Bye):
+            self.blender.drop((peer, header.job))
+            self._peers.pop(peer, None)
+        else:
+            metrics.WIRE_INVALID.labels(side="worker").inc()
+            log.warning("unexpected %s message from %s", header.kind, peer.hex())
+
+    def _credit(self, credits: int) -> wire.Credit:
+        return wire.Credit(worker=self.id, credits=credits, models=tuple(self.restorers), device=self.device)
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_S:
+            self._last_heartbeat = now
+            for peer in self._peers:
+                self._send(peer, self._credit(0))
+
+    def _send(self, peer: bytes, header, pixels: np.ndarray | None = None) -> None:
+        self.socket.send_multipart([peer, *wire.encode(header, pixels)], copy=False)
+
+    # ------------------------------------------------------------------ restore
+
+    def _run_ready_batches(self, *, flush: bool) -> None:
+        now = time.monotonic()
+        for name, queue in self._pending.items():
+            while queue and (flush or len(queue) >= self.batch or now - queue[0].arrived >= self.batch_wait):
+                items = [queue.popleft() for _ in range(min(self.batch, len(queue)))]
+                self._restore(self.restorers[name], items)
+                now = time.monotonic()
+
+    def _restore(self, restorer: Restorer, items: list[_Pending]) -> None:
+        now = time.time()
+        late = [p for p in items if p.crop.deadline is not None and p.crop.deadline < now]
+        items = [p for p in items if p not in late]
+        for p in late:
+            self._send_error(p, "deadline passed before the crop was restored")
+        if not items:
+            return
+        started = time.perf_counter()
+        try:
+            restored = restorer.restore(np.stack([p.pixels for p in items]))
+        except Exception as exc:  # a failing batch must not take the worker down
+            log.exception("restoring a batch of %d failed", len(items))
+            for p in items:
+                self._send_error(p, f"{type(exc).__name__}: {exc}")
+            return
+        metrics.MODEL_SECONDS.labels(model=restorer.name).observe(time.perf_counter() - started)
+        metrics.CROPS_RESTORED.labels(model=restorer.name).inc(len(items))
+        for p, out in zip(items, restored):
+            c = p.crop
+            key = (p.peer, c.job, c.track)
+            if c.temporal == "full":
+                out = self.blender.blend(key, c.frame, c.affine, p.pixels, out, reset=c.reset)
+            else:
+                self.blender.drop(key)
+            result = wire.Result(job=c.job, frame=c.frame, track=c.track, face=c.face, model=c.model,
+                                 size=c.size, shape=c.shape, worker=self.id)
+            self._send(p.peer, result, out)
+
+    def _send_error(self, p: _Pending, reason: str) -> None:
+        c = p.crop
+        self._send(p.peer, wire.Error(job=c.job, frame=c.frame, track=c.track, face=c.face, reason=reason,
+                                      worker=self.id))
