@@ -35,10 +35,12 @@ class RestoreSettings(_Settings):
     model: str
     weights: Path | None
     detector: Literal["retinaface_resnet50", "retinaface_mobile0.25"]
+    detector_weights: Path | None
     detect_every: int = Field(ge=1)
     detect_max_side: int = Field(ge=64)
     detect_threshold: float = Field(gt=0, lt=1)
     min_face: int = Field(ge=0)
+    max_faces: int = Field(ge=1)
     workers: int = Field(ge=0)
     isolate_workers: bool
     max_frames_in_flight: int = Field(ge=2)

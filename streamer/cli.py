@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and paste back the unchanged crops (a diagnostic)")
     r.add_argument("--weights", type=Path, help="use this GPEN checkpoint instead of the cached release")
     r.add_argument("--detector", choices=["retinaface_resnet50", "retinaface_mobile0.25"])
+    r.add_argument("--detector-weights", type=Path, help="a RetinaFace checkpoint instead of the cached release")
     r.add_argument("--detect-every", type=int, metavar="K", help="detect every K frames, track in between")
     r.add_argument("--faces", type=Path, metavar="FILE", help="precomputed faces (JSON Lines, see below)")
     r.add_argument("--dump-faces", type=Path, metavar="FILE", help="write the faces used, as JSON Lines")
@@ -131,7 +132,8 @@ def _restore(args) -> int:
     from workers.restorers import ModelUnavailable
 
     settings = load_settings(RestoreSettings, config_file=args.config, overrides={
-        "model": args.model, "weights": args.weights, "detector": args.detector, "detect_every": args.detect_every,
+        "model": args.model, "weights": args.weights, "detector": args.detector,
+        "detector_weights": args.detector_weights, "detect_every": args.detect_every,
         "workers": args.workers, "isolate_workers": args.isolate_workers, "temporal": args.temporal,
         "strength": args.strength, "color_match": args.color_match, "codec": args.codec, "crf": args.crf,
         "preset": args.preset, "corrupt_frames": args.corrupt_frames})

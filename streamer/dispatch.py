@@ -189,21 +189,23 @@ class Dispatcher:
     def _poll(self, timeout_ms: int) -> None:
         events = dict(self._poller.poll(timeout_ms))
         for link in self.links:
-            if link.socket not in events:
+            if link.socket in events:
+                self._receive(link)
+
+    def _receive(self, link: WorkerLink) -> None:
+        while True:
+            try:
+                frames = link.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                header, pixels = wire.decode(frames)
+            except wire.WireError as exc:
+                metrics.WIRE_INVALID.labels(side="decoder").inc()
+                log.warning("dropped an invalid message from %s: %s", link.name, exc)
                 continue
-            while True:
-                try:
-                    frames = link.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                try:
-                    header, pixels = wire.decode(frames)
-                except wire.WireError as exc:
-                    metrics.WIRE_INVALID.labels(side="decoder").inc()
-                    log.warning("dropped an invalid message from %s: %s", link.name, exc)
-                    continue
-                link.last_heard = time.monotonic()
-                self._handle(link, header, pixels)
+            link.last_heard = time.monotonic()
+            self._handle(link, header, pixels)
 
     def _handle(self, link: WorkerLink, header, pixels) -> None:
         if isinstance(header, wire.Credit):
@@ -232,6 +234,9 @@ class Dispatcher:
             if link.dead or not link.ready:
                 continue
             if not link.alive():
+                # A worker that drains on SIGTERM sends its last results just before exiting.
+                if link.socket.poll(200, zmq.POLLIN):
+                    self._receive(link)
                 self._declare_dead(link, f"exited{link.describe()}")
             elif link.outstanding and now - link.last_heard > self.timeout_s:
                 self._declare_dead(link, f"silent for {now - link.last_heard:.0f} s with {len(link.outstanding)} "

@@ -29,4 +29,4 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     import av.logging
 
-    av.logging.set_level(av.logging.ERROR if level == "debug" else av.logging.FATAL)
+    av.logging.set_level(av.logging.WARNING if level == "debug" else av.logging.ERROR)

@@ -31,6 +31,8 @@ from streamer.yuv import PLANAR_YUV
 log = logging.getLogger(__name__)
 
 REFUSED_DEMUXERS = {"hls", "applehttp", "concat", "dash", "image2", "image2pipe", "ffconcat"}
+# What FFmpeg's demuxers log when a file stops before its own structure says it should.
+TRUNCATION_MARKERS = ("ended prematurely", "partial file", "truncat", "end of file reached before")
 DEFAULT_CODEC = "libx264"
 
 
@@ -154,6 +156,8 @@ class Reader:
     ``on_packet``. Undecodable packets are skipped and counted (or raise, with strict)."""
 
     def __init__(self, info: VideoInfo, *, strict: bool = False):
+        if av.logging.get_level() is None or av.logging.get_level() < av.logging.ERROR:
+            av.logging.set_level(av.logging.ERROR)  # truncation is only visible in FFmpeg's log
         self.container = open_input(info.path)
         self.info, self.strict = info, strict
         self.video = self.container.streams.video[0]
@@ -165,19 +169,24 @@ class Reader:
 
     def frames(self, on_packet):
         fallback_step = 1.0 / float(self.info.rate) if self.info.rate else 1 / 25
-        for packet in self.container.demux(self.video, *self.copied):
-            if packet.stream is not self.video:
-                if packet.dts is not None or packet.pts is not None:
-                    on_packet(packet)
-                continue
-            try:
-                decoded = packet.decode()
-            except av.error.InvalidDataError as exc:
-                self._corrupt(exc)
-                continue
-            for frame in decoded:
-                yield self._wrap(frame, fallback_step)
-        # demux() ends with an empty packet per stream, which flushed the decoder above
+        with av.logging.Capture(local=True) as demuxer_log:
+            for packet in self.container.demux(self.video, *self.copied):
+                if packet.stream is not self.video:
+                    if packet.dts is not None or packet.pts is not None:
+                        on_packet(packet)
+                    continue
+                try:
+                    decoded = packet.decode()
+                except av.error.InvalidDataError as exc:
+                    self._corrupt(exc)
+                    continue
+                for frame in decoded:
+                    yield self._wrap(frame, fallback_step)
+            # demux() ends with an empty packet per stream, which flushed the decoder above
+        for _level, source, message in demuxer_log:
+            if any(marker in message.lower() for marker in TRUNCATION_MARKERS):
+                raise MediaError(f"{self.info.path} ends early after {self.decoded} frames ({source}: "
+                                 f"{message.strip()}); the file is truncated or corrupt")
         self._check_complete(fallback_step)
 
     def close(self) -> None:

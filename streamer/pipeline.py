@@ -179,6 +179,8 @@ class Analyzer:
             detections = None
         faces = self.tracker.update(item.time_s, detections, gray if self.use_flow else None)
         faces = [f for f in faces if f.size >= self.settings.min_face]
+        if len(faces) > self.settings.max_faces:
+            faces = sorted(faces, key=lambda f: f.size, reverse=True)[:self.settings.max_faces]
         task = FrameTask(item.index, item, ended_tracks=self.tracker.take_ended())
         for face in faces:
             try:
@@ -200,7 +202,7 @@ def _load_detector(settings: RestoreSettings, worker: WorkerSettings):
     from streamer.detect import FaceDetector, load_retinaface
     from workers.restorers import resolve_device
 
-    net = load_retinaface(settings.detector, resolve_device(worker.device))
+    net = load_retinaface(settings.detector, resolve_device(worker.device), weights=settings.detector_weights)
     return FaceDetector(net, threshold=settings.detect_threshold, max_side=settings.detect_max_side)
 
 

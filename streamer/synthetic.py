@@ -187,13 +187,18 @@ def _write_video(path: Path, frames: list[np.ndarray], pts: list[int], time_base
         if audio:
             a = out.add_stream("aac", rate=48000)
             a.layout = "mono"
-        s = out.add_stream("subrip") if subtitles else None
         duration_s = (pts[-1] + 512) * float(time_base)
         n_audio = 0
-        if s is not None:
-            sub = av.Packet(b"Hello")
-            sub.stream, sub.pts, sub.dts, sub.duration, sub.time_base = s, 0, 0, 500, Fraction(1, 1000)
-            out.mux(sub)
+        if subtitles:  # copied from a tiny .srt, the way the pipeline copies streams
+            srt = path.with_name(path.name + ".srt")
+            srt.write_text("1\n00:00:00,000 --> 00:00:00,300\nHello\n\n2\n00:00:00,300 --> 00:00:00,600\nWorld\n")
+            with av.open(str(srt)) as sub_in:
+                s = out.add_stream_from_template(sub_in.streams[0])
+                for packet in sub_in.demux():
+                    if packet.size:
+                        packet.stream = s
+                        out.mux(packet)
+            srt.unlink()
         for img, p in zip(coded, pts):
             frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=pix_fmt)
             frame.pts, frame.time_base = p, time_base

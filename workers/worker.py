@@ -26,6 +26,8 @@ from workers.temporal import TemporalBlender
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
+DRAIN_QUIET_S = 0.5  # after a stop request, keep serving until nothing arrived for this long
+DRAIN_MAX_S = 60.0
 
 
 @dataclass
@@ -63,7 +65,8 @@ class Worker:
         return self.endpoint
 
     def serve(self) -> None:
-        """Until stop_event is set; then the crops already received are finished and sent."""
+        """Until stop_event is set; then drain: crops already sent to us (received or still on
+        the wire) are restored and returned, until the socket has been quiet a moment."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         log.info("worker %s serving %s on %s (%s)", self.id, ", ".join(self.restorers), self.endpoint, self.device)
@@ -73,8 +76,14 @@ class Worker:
                     self._drain()
                 self._run_ready_batches(flush=False)
                 self._heartbeat()
-            self._drain()
-            self._run_ready_batches(flush=True)
+            log.info("worker %s draining", self.id)
+            give_up = time.monotonic() + DRAIN_MAX_S
+            quiet_until = time.monotonic() + DRAIN_QUIET_S
+            while time.monotonic() < min(quiet_until, give_up):
+                if poller.poll(50):
+                    self._drain()
+                    quiet_until = time.monotonic() + DRAIN_QUIET_S
+                self._run_ready_batches(flush=True)
         finally:
             self.socket.close()
             log.info("worker %s stopped", self.id)

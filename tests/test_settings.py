@@ -1,0 +1,34 @@
+import pytest
+
+from configs import RestoreSettings, SettingsError, WorkerSettings, load_settings
+
+
+def test_defaults_come_from_the_yaml_file():
+    s = load_settings(RestoreSettings)
+    assert s.model == "GPEN-BFR-512" and s.detector == "retinaface_resnet50" and s.temporal == "full"
+    assert load_settings(WorkerSettings).device == "auto"
+
+
+def test_file_then_environment_then_overrides_take_precedence(tmp_path, monkeypatch):
+    cfg = tmp_path / "gpen.yaml"
+    cfg.write_text("restore:\n  crf: 22\n  preset: slow\nworker:\n  batch: 6\n")
+    assert load_settings(RestoreSettings, config_file=cfg).crf == 22
+    monkeypatch.setenv("GPEN_STREAM_RESTORE_CRF", "24")
+    assert load_settings(RestoreSettings, config_file=cfg).crf == 24
+    s = load_settings(RestoreSettings, config_file=cfg, overrides={"crf": 30, "preset": None})
+    assert s.crf == 30 and s.preset == "slow"  # None means "not given on the command line"
+    assert load_settings(WorkerSettings, config_file=cfg).batch == 6
+
+
+def test_unknown_keys_and_bad_values_are_rejected_with_their_name(tmp_path):
+    with pytest.raises(SettingsError, match="restore.bogus"):
+        load_settings(RestoreSettings, overrides={"bogus": 1})
+    with pytest.raises(SettingsError, match="restore.batch|restore.detect_every"):
+        load_settings(RestoreSettings, overrides={"detect_every": 0})
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("restore:\n  temporal: sometimes\n")
+    with pytest.raises(SettingsError, match="restore.temporal"):
+        load_settings(RestoreSettings, config_file=cfg)
+    cfg.write_text("decoder:\n  x: 1\n")
+    with pytest.raises(SettingsError, match="unknown section"):
+        load_settings(RestoreSettings, config_file=cfg)

@@ -1,0 +1,244 @@
+"""Workers and the decoder's dispatcher over real ZeroMQ sockets, threads and processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import zmq
+
+from streamer.dispatch import CropTask, DispatchError, Dispatcher, FrameTask, WorkerLink
+from workers import metrics, wire
+from workers.restorers import IdentityRestorer
+from workers.worker import Worker
+
+SIZE = 16
+
+
+class RecordingRestorer(IdentityRestorer):
+    def __init__(self, fail: bool = False):
+        super().__init__("identity", SIZE)
+        self.batches: list[int] = []
+        self.fail = fail
+
+    def restore(self, crops):
+        self.batches.append(len(crops))
+        if self.fail:
+            raise RuntimeError("the model fell over")
+        return crops[:, ::-1].copy()  # recognisable: flipped vertically
+
+
+def _start_thread_worker(restorer, **kw):
+    worker = Worker({"identity": restorer}, context=zmq.Context.instance(), **kw)
+    endpoint = worker.bind(f"inproc://test-{uuid.uuid4().hex}")
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    return worker, thread, endpoint
+
+
+def _frames(n_frames, faces_per_frame=1, tracks=None, start=0):
+    rng = np.random.default_rng(start)
+    out = []
+    for f in range(start, start + n_frames):
+        task = FrameTask(f, item=None)
+        for face in range(faces_per_frame):
+            crop = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+            track = tracks[face] if tracks else face
+            task.crops.append(CropTask(f, face, track, np.eye(2, 3), crop))
+        out.append(task)
+    return out
+
+
+def _run(dispatcher, tasks, timeout=30.0, on_pump=None):
+    for t in tasks:
+        dispatcher.submit(t)
+    done, deadline = [], time.monotonic() + timeout
+    while len(done) < len(tasks):
+        done += dispatcher.pump(20)
+        if on_pump:
+            on_pump()
+        assert time.monotonic() < deadline, "dispatch did not finish"
+    return done
+
+
+def _dispatcher(endpoints, **kw):
+    links = [WorkerLink(zmq.Context.instance(), e) for e in endpoints]
+    d = Dispatcher(links, job="job-1", model="identity", size=SIZE, temporal=kw.pop("temporal", "off"),
+                   timeout_s=kw.pop("timeout_s", 30))
+    d.wait_ready(30)
+    return d
+
+
+def test_crops_come_back_restored_and_credits_bound_what_is_in_flight():
+    restorer = RecordingRestorer()
+    worker, thread, endpoint = _start_thread_worker(restorer, batch=4, batch_wait_ms=5, credits=6)
+    d = _dispatcher([endpoint])
+    link = d.links[0]
+    peak = []
+    tasks = _frames(30, faces_per_frame=2)
+    done = _run(d, tasks, on_pump=lambda: peak.append(len(link.outstanding)))
+    assert max(peak) <= 6
+    for task in done:
+        for crop in task.crops:
+            assert np.array_equal(task.restored[crop.face], crop.crop[::-1])
+    d.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_the_worker_batches_crops_across_frames():
+    restorer = RecordingRestorer()
+    worker, thread, endpoint = _start_thread_worker(restorer, batch=4, batch_wait_ms=200, credits=8)
+    d = _dispatcher([endpoint])
+    _run(d, _frames(8))  # one face per frame: batches must span frames
+    assert max(restorer.batches) == 4 and sum(restorer.batches) == 8
+    d.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_a_track_sticks_to_one_worker():
+    workers = [_start_thread_worker(RecordingRestorer(), batch=2, batch_wait_ms=5) for _ in range(2)]
+    d = _dispatcher([w[2] for w in workers])
+    seen: dict[int, set] = {}
+    original = d._handle
+
+    def spy(link, header, pixels):
+        if isinstance(header, wire.Result):
+            seen.setdefault(header.track, set()).add(header.worker)
+        original(link, header, pixels)
+
+    d._handle = spy
+    _run(d, _frames(20, faces_per_frame=4))
+    assert len(seen) == 4 and all(len(w) == 1 for w in seen.values())
+    assert len({w for ws in seen.values() for w in ws}) == 2  # the load is spread
+    d.close()
+    for w, t, _ in workers:
+        w.stop_event.set()
+        t.join(5)
+
+
+def test_a_failing_model_fails_the_job_with_its_reason():
+    worker, thread, endpoint = _start_thread_worker(RecordingRestorer(fail=True), batch=1, batch_wait_ms=1)
+    d = _dispatcher([endpoint])
+    with pytest.raises(DispatchError, match="the model fell over"):
+        _run(d, _frames(2))
+    d.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_a_worker_serving_another_model_is_not_used():
+    worker, thread, endpoint = _start_thread_worker(RecordingRestorer())
+    links = [WorkerLink(zmq.Context.instance(), endpoint)]
+    d = Dispatcher(links, job="j", model="GPEN-BFR-512", size=512, temporal="off", timeout_s=5)
+    with pytest.raises(DispatchError, match="serves identity, not GPEN-BFR-512"):
+        d.wait_ready(10)
+    d.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_invalid_messages_are_dropped_counted_and_the_worker_keeps_serving():
+    worker, thread, endpoint = _start_thread_worker(RecordingRestorer(), batch=1, batch_wait_ms=1)
+    before = metrics.WIRE_INVALID.labels(side="worker")._value.get()
+    rogue = zmq.Context.instance().socket(zmq.DEALER)
+    rogue.connect(endpoint)
+    rogue.send_multipart([b"\x80\x04garbage"])
+    rogue.send_multipart([wire.Crop(job="j", frame=0, track=0, face=0, model="identity", size=SIZE,
+                                    shape=(SIZE, SIZE, 3), affine=((1, 0, 0), (0, 1, 0))).model_dump_json().encode(),
+                          b"short"])
+    d = _dispatcher([endpoint])
+    _run(d, _frames(3))
+    assert metrics.WIRE_INVALID.labels(side="worker")._value.get() - before == 2
+    assert thread.is_alive()
+    rogue.close()
+    d.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def _spawn_worker(endpoint, *extra):
+    env = {**os.environ, "GPEN_STREAM_WORKER_BATCH": "2", "GPEN_STREAM_WORKER_BATCH_WAIT_MS": "5"}
+    return subprocess.Popen([sys.executable, "-m", "streamer", "worker", "--endpoint", endpoint, "--model", "identity",
+                             *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_ready(d, procs):
+    try:
+        d.wait_ready(60)
+    except DispatchError:
+        for p in procs:
+            p.kill()
+        raise AssertionError("workers did not start: " + " | ".join(p.stderr.read().decode()[-500:] for p in procs))
+
+
+def test_when_a_worker_process_dies_its_crops_are_redone_elsewhere(tmp_path):
+    """Identity workers at 512 px in real processes; one is killed in the middle of the job."""
+    endpoints = [f"ipc://{tmp_path}/w{i}.sock" for i in range(2)]
+    procs = [_spawn_worker(e) for e in endpoints]
+    links = [WorkerLink(zmq.Context.instance(), e, is_alive=lambda p=p: p.poll() is None) for e, p in zip(endpoints, procs)]
+    d = Dispatcher(links, job="job-f", model="identity", size=512, temporal="full", timeout_s=30)
+    _wait_ready(d, procs)
+    rng = np.random.default_rng(0)
+    tasks = []
+    for f in range(40):
+        task = FrameTask(f, item=None)
+        for face in range(2):
+            task.crops.append(CropTask(f, face, face, np.eye(2, 3), rng.integers(0, 255, (512, 512, 3), np.uint8)))
+        tasks.append(task)
+    killed = []
+
+    def kill_one():
+        busy = [lk for lk in links if lk.outstanding]
+        if not killed and busy and sum(len(t.restored) for t in tasks) > 10:
+            victim = procs[links.index(busy[0])]
+            victim.send_signal(signal.SIGKILL)
+            killed.append(victim)
+
+    done = _run(d, tasks, timeout=120, on_pump=kill_one)
+    assert killed and len(done) == 40 and all(t.done for t in done)
+    assert sum(lk.dead for lk in links) == 1
+    d.close()
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+
+
+def test_a_worker_process_finishes_its_crops_on_sigterm(tmp_path):
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    proc = _spawn_worker(endpoint)
+    link = WorkerLink(zmq.Context.instance(), endpoint, is_alive=lambda: proc.poll() is None)
+    d = Dispatcher([link], job="job-t", model="identity", size=512, temporal="off", timeout_s=30)
+    _wait_ready(d, [proc])
+    rng = np.random.default_rng(1)
+    for f in range(3):
+        task = FrameTask(f, item=None, crops=[CropTask(f, 0, 0, np.eye(2, 3), rng.integers(0, 255, (512, 512, 3), np.uint8))])
+        d.submit(task)
+    d.pump(0)  # crops sent
+    proc.send_signal(signal.SIGTERM)
+    received = []
+    deadline = time.monotonic() + 30
+    while len(received) < 3 and time.monotonic() < deadline:
+        received += d.pump(50)
+    assert len(received) == 3
+    assert proc.wait(30) == 0
+    d.close()
+
+
+def test_no_worker_left_is_an_error(tmp_path):
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    proc = _spawn_worker(endpoint)
+    link = WorkerLink(zmq.Context.instance(), endpoint, is_alive=lambda: proc.poll() is None)
+    d = Dispatcher([link], job="job-n", model="identity", size=512, temporal="off", timeout_s=30)
+    _wait_ready(d, [proc])
+    proc.kill()
+    proc.wait()
+    with pytest.raises(DispatchError, match="no worker left"):
+        _run(d, [FrameTask(0, None, crops=[CropTask(0, 0, 0, np.eye(2, 3), np.zeros((512, 512, 3), np.uint8))])])
+    d.close()
