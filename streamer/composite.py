@@ -52,8 +52,9 @@ def prepare_face(input_crop: np.ndarray, restored: np.ndarray, *, strength: floa
     out = restored.astype(np.float32)
     src = input_crop.astype(np.float32)
     if color_match:
-        weights = mask[:, :, None]
-        out += ((src - out) * weights).sum(axis=(0, 1)) / max(float(weights.sum()), 1.0)
+        flat_mask = mask.reshape(-1)
+        shift = flat_mask @ (src - out).reshape(-1, 3) / max(float(flat_mask.sum()), 1.0)
+        out += shift
     if strength < 1.0:
         out = src + strength * (out - src)
     return out

@@ -248,8 +248,7 @@ def restore_file(input_path: str | Path, output_path: str | Path, settings: Rest
         threads = [run.spawn(name, fn) for name, fn in stages.all()]
         total = info.expected_frames
         while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(timeout=0.2)
+            threads[-1].join(timeout=0.1)  # the writer finishes last (or everything stops)
             if cancel is not None and cancel.is_set():
                 run.fail(RestoreCancelled("cancelled"))
             if progress is not None:
@@ -289,34 +288,29 @@ class _Stages:
                  compositor: Compositor, settings: RestoreSettings, counters: _Counters):
         self.run, self.reader, self.analyzer, self.dispatcher = run, reader, analyzer, dispatcher
         self.writer, self.compositor, self.settings, self.counters = writer, compositor, settings, counters
-        self.decoded: queue.Queue = queue.Queue(maxsize=8)
         self.analyzed: queue.Queue = queue.Queue(maxsize=8)
-        self.ordered: queue.Queue = queue.Queue()  # bounded by max_frames_in_flight upstream
+        self.ordered: queue.Queue = queue.Queue(maxsize=settings.max_frames_in_flight)
         self.packets: deque = deque()  # other streams' packets, in demux order
 
     def all(self):
-        return [("reader", self.read), ("analyzer", self.analyze), ("dispatcher", self.dispatch),
-                ("writer", self.write)]
+        return [("decoder", self.decode), ("dispatcher", self.dispatch), ("writer", self.write)]
 
-    def read(self) -> None:
+    def decode(self) -> None:
+        """Decode and analyse in one thread: one hand-off less per frame (analysis is light,
+        except detection, which decoding could not overlap usefully on a busy CPU anyway)."""
         run = self.run
         frames = self.reader.frames(self.packets.append)
         while True:
             started = time.perf_counter()
             item = next(frames, _END)
             run.timed("decode", started)
-            run.put(self.decoded, item)
             if item is _END:
+                run.put(self.analyzed, _END)
                 return
-
-    def analyze(self) -> None:
-        run = self.run
-        while (item := run.get(self.decoded)) is not _END:
             started = time.perf_counter()
             task = self.analyzer(item)
             run.timed("analyze", started)
             run.put(self.analyzed, task)
-        run.put(self.analyzed, _END)
 
     def dispatch(self) -> None:
         run, dispatcher = self.run, self.dispatcher
@@ -335,11 +329,11 @@ class _Stages:
                     dispatcher.submit(task)
             for task in dispatcher.pump(timeout_ms=10):
                 reorder[task.index] = task
-            while next_index in reorder:
-                self.ordered.put(reorder.pop(next_index))
+            while next_index in reorder:  # blocks while the writer is behind: memory stays bounded
+                run.put(self.ordered, reorder.pop(next_index))
                 next_index += 1
             if upstream_done and dispatcher.frames_in_flight == 0 and not reorder:
-                self.ordered.put(_END)
+                run.put(self.ordered, _END)
                 return
 
     def write(self) -> None:

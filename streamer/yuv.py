@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import av
+import cv2
 import numpy as np
 
 # Planar YUV formats gpen-stream composites into: name -> (chroma shift x, chroma shift y, bits).
@@ -88,12 +89,13 @@ class YUVLayout:
         return y_off + y_span * luma, self.subsample(c_mid + c_span * cb), self.subsample(c_mid + c_span * cr)
 
     def subsample(self, full: np.ndarray) -> np.ndarray:
-        """Average a luma-resolution array down to chroma resolution."""
+        """Average a luma-resolution array down to chroma resolution (exact 2x2 / 2x1 means)."""
         sx, sy = self.shift
         if (sx, sy) == (0, 0):
             return full
         h, w = full.shape[0] >> sy, full.shape[1] >> sx
-        return full[:h << sy, :w << sx].reshape(h, 1 << sy, w, 1 << sx).mean(axis=(1, 3))
+        return cv2.resize(np.ascontiguousarray(full[:h << sy, :w << sx], dtype=np.float32), (w, h),
+                          interpolation=cv2.INTER_AREA)
 
 
 def plane(frame: av.VideoFrame, index: int, dtype: np.dtype) -> np.ndarray:

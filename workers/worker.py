@@ -80,10 +80,12 @@ class Worker:
             give_up = time.monotonic() + DRAIN_MAX_S
             quiet_until = time.monotonic() + DRAIN_QUIET_S
             while time.monotonic() < min(quiet_until, give_up):
-                if poller.poll(50):
+                if poller.poll(50 if self._peers else 0):
                     self._drain()
                     quiet_until = time.monotonic() + DRAIN_QUIET_S
                 self._run_ready_batches(flush=True)
+                if not self._peers:  # every decoder said bye: nothing more can be on its way
+                    break
         finally:
             self.socket.close()
             log.info("worker %s stopped", self.id)
