@@ -36,6 +36,7 @@ from streamer.align import alignment, invert
 from streamer.composite import crop_mask
 from streamer.pipeline import restore_file
 from streamer.synthetic import make_clip
+from workers import metrics
 
 ENCODER = {"codec": "libx264", "crf": 18, "preset": "veryfast"}
 
@@ -184,11 +185,13 @@ def speedup(args, tmp: Path) -> None:
             breakdown[name] = {}
             times[name].append(_naive_loop(clip, faces_by_frame, weights, tmp / "naive.mp4", breakdown[name],
                                            official=name == "official"))
+        model_s = metrics.MODEL_SECONDS.labels(model="GPEN-BFR-256")._sum.get()
         started = time.perf_counter()
         result = restore_file(clip.path, tmp / "ours.mp4",
                               _settings(model="GPEN-BFR-256", weights=weights, temporal=args.temporal),
                               load_settings(WorkerSettings, overrides={"batch": args.batch}), faces_file=clip.faces_path)
         times["restore"].append(time.perf_counter() - started)
+        result.timings["worker model"] = metrics.MODEL_SECONDS.labels(model="GPEN-BFR-256")._sum.get() - model_s
     best = {k: min(v) for k, v in times.items()}
     print(f"clip {args.frames} frames {args.size[0]}x{args.size[1]}, 1 face/frame, GPEN-BFR-256 fp32 on "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.get_num_threads()} threads), {ENCODER}, "

@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=[320, 240], metavar=("W", "H"))
     ap.add_argument("--face-px", type=float, default=110.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", nargs=2, default=["off", "full"], metavar=("BASE", "MODE"),
+                    help="the two --temporal modes compared (default: off full)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gpen-temporal-"))
     weights = {}
@@ -89,14 +91,14 @@ def main() -> None:
         for model in args.models:
             reference, _ = run(clean, tmp / f"{name}-{model}-clean.mp4", model, weights.get(model), "off")
             results = {}
-            for mode in ("off", "full"):
+            for mode in args.modes:
                 frames, elapsed = run(clip, tmp / f"{name}-{model}-{mode}.mp4", model, weights.get(model), mode)
                 results[mode] = (temporal_error(frames, clip.clean, clip, skip), face_psnr(frames, clip.clean, clip),
                                  elapsed, frames, temporal_error(frames, reference, clip, skip))
             note = ""
             if cut:
-                note = _carry_over(clip, cut, results["full"][3], tmp, model, weights.get(model))
-            (te0, p0, t0, _, r0), (te1, p1, t1, _, r1) = results["off"], results["full"]
+                note = _carry_over(clip, cut, results[args.modes[1]][3], tmp, model, weights.get(model))
+            (te0, p0, t0, _, r0), (te1, p1, t1, _, r1) = results[args.modes[0]], results[args.modes[1]]
             print(f"{name:<10}{model:<14}{te0:>8.2f}{te1:>9.2f}{te1 / te0:>7.2f}{r0:>9.2f}{r1:>9.2f}{r1 / r0:>7.2f}"
                   f"{p0:>10.2f}{p1:>10.2f}{p1 - p0:>+7.2f}{t0:>7.1f}{t1:>7.1f}{t1 / t0:>8.2f}  {note}", flush=True)
 

@@ -50,6 +50,8 @@ class RestoreSettings(_Settings):
     preset: str
     strength: float = Field(ge=0, le=1)
     color_match: bool
+    mask: Literal["feather", "parse"]
+    parser_weights: Path | None
     mask_inset: float = Field(ge=0, lt=0.5)
     mask_feather: float = Field(ge=0, lt=0.5)
     corrupt_frames: Literal["skip", "fail"]

@@ -32,7 +32,7 @@ class WeightFile:
     urls: tuple[str, ...]
     sha256: str | None  # None: no published digest; the first download's digest is recorded
     size: int | None
-    kind: str  # "gpen" | "detector"
+    kind: str  # "gpen" | "detector" | "parser"
     license: str
 
 
@@ -58,6 +58,9 @@ CATALOG: dict[str, WeightFile] = {w.name: w for w in (
                (f"{_FACEXLIB}/detection_mobilenet0.25_Final.pth",),
                "2979b33ffafda5d74b6948cd7a5b9a7a62f62b949cef24e95fd15d2883a65220", 1789735, "detector",
                RETINAFACE_LICENSE),
+    WeightFile("parsenet", "parsing_parsenet.pth",
+               ("https://github.com/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth",),
+               None, None, "parser", "ParseNet weights (facexlib): MIT"),
 )}
 
 

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temporal", choices=["off", "landmarks", "full"],
                    help="flicker reduction: landmark smoothing, plus blending with the previous face (full)")
     r.add_argument("--strength", type=float, help="0..1: how much of the restored face to use (default 1)")
+    r.add_argument("--mask", choices=["feather", "parse"],
+                   help="paste mask: a feathered square (default) or face parsing with ParseNet (hair, ears and "
+                        "neck follow the face; ~3 s per face on CPU, fast on CUDA)")
+    r.add_argument("--parser-weights", type=Path, help="a ParseNet checkpoint instead of the cached one")
     r.add_argument("--no-color-match", dest="color_match", action="store_false", default=None,
                    help="keep GPEN's colours instead of matching the input's mean colour")
     r.add_argument("--codec", help="video encoder (default libx264)")
@@ -128,6 +132,7 @@ def _restore(args) -> int:
     from streamer.dispatch import DispatchError
     from streamer.faces import FacesFileError
     from streamer.media import MediaError
+    from streamer.parse import ParserUnavailable
     from streamer.pipeline import RestoreCancelled, restore_file
     from workers.restorers import ModelUnavailable
 
@@ -135,7 +140,8 @@ def _restore(args) -> int:
         "model": args.model, "weights": args.weights, "detector": args.detector,
         "detector_weights": args.detector_weights, "detect_every": args.detect_every,
         "workers": args.workers, "isolate_workers": args.isolate_workers, "temporal": args.temporal,
-        "strength": args.strength, "color_match": args.color_match, "codec": args.codec, "crf": args.crf,
+        "strength": args.strength, "color_match": args.color_match, "mask": args.mask,
+        "parser_weights": args.parser_weights, "codec": args.codec, "crf": args.crf,
         "preset": args.preset, "corrupt_frames": args.corrupt_frames})
     worker = load_settings(WorkerSettings, config_file=args.config, overrides={
         "device": args.device, "dtype": args.dtype, "batch": args.batch})
@@ -155,8 +161,8 @@ def _restore(args) -> int:
         reporter.emit({"event": "cancelled"})
         log.error("cancelled; no output written")
         return EXIT_CANCELLED
-    except (MediaError, WeightsError, CheckpointError, ModelUnavailable, DetectorUnavailable, DispatchError,
-            FacesFileError) as exc:
+    except (MediaError, WeightsError, CheckpointError, ModelUnavailable, DetectorUnavailable, ParserUnavailable,
+            DispatchError, FacesFileError) as exc:
         reporter.close()
         reporter.emit({"event": "failed", "error": str(exc)})
         log.error("%s", exc)

@@ -118,26 +118,28 @@ class Compositor:
     def mask(self, size: int) -> np.ndarray:
         return crop_mask(size, self.mask_inset, self.mask_feather)
 
-    def paste(self, frame: av.VideoFrame, faces: list[tuple[np.ndarray, np.ndarray]]) -> int:
-        """Blend ``faces`` ([(crop SxSx3 RGB float or uint8, affine frame->crop 2x3)]) into
-        ``frame`` (writable, in ``layout``) in place. Returns how many were pasted."""
+    def paste(self, frame: av.VideoFrame, faces: list[tuple]) -> int:
+        """Blend ``faces`` ([(crop SxSx3 RGB float or uint8, affine frame->crop 2x3, mask or
+        None)]) into ``frame`` (writable, in ``layout``) in place; a None mask is the feathered
+        square. Returns how many were pasted."""
         placed = []
-        for crop, affine in faces:
+        for crop, affine, mask in faces:
             box = crop_footprint(affine, crop.shape[0], frame.width, frame.height, self.layout)
             if box is not None:
-                placed.append((box, crop, affine))
+                placed.append((box, crop, affine, self.mask(crop.shape[0]) if mask is None else mask))
         placed.sort(key=lambda item: item[0].area)
         planes = [plane(frame, i, self.layout.dtype) for i in range(3)]
-        for box, crop, affine in placed:
-            self._paste_one(planes, box, crop, affine)
+        for box, crop, affine, mask in placed:
+            self._paste_one(planes, box, crop, affine, mask)
         return len(placed)
 
-    def _paste_one(self, planes: list[np.ndarray], box: Box, crop: np.ndarray, affine: np.ndarray) -> None:
+    def _paste_one(self, planes: list[np.ndarray], box: Box, crop: np.ndarray, affine: np.ndarray,
+                   mask: np.ndarray) -> None:
         w, h = box.x1 - box.x0, box.y1 - box.y0
         to_crop = box.shift(affine)
         face = cv2.warpAffine(crop.astype(np.float32), to_crop, (w, h), flags=INTERPOLATION | cv2.WARP_INVERSE_MAP,
                               borderMode=cv2.BORDER_REPLICATE)
-        alpha = cv2.warpAffine(self.mask(crop.shape[0]), to_crop, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        alpha = cv2.warpAffine(mask, to_crop, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         top = float(np.iinfo(self.layout.dtype).max)
         sx, sy = self.layout.shift

@@ -37,6 +37,7 @@ class CropTask:
     crop: np.ndarray  # S x S x 3 uint8 RGB
     pts: int | None = None
     reset: bool = False
+    mask: np.ndarray | None = None  # face-parsing paste mask (S x S float32), if --mask parse
 
 
 @dataclass

@@ -142,9 +142,9 @@ class Analyzer:
     """Per frame: faces (detector or faces file) -> tracks -> smoothed landmarks -> crops."""
 
     def __init__(self, info: VideoInfo, settings: RestoreSettings, size: int, layout: YUVLayout, *,
-                 faces_by_frame: dict[int, list[Face]] | None, detector, dump_to=None):
+                 faces_by_frame: dict[int, list[Face]] | None, detector, parser=None, dump_to=None):
         self.info, self.settings, self.size, self.layout = info, settings, size, layout
-        self.faces_by_frame, self.detector, self.dump_to = faces_by_frame, detector, dump_to
+        self.faces_by_frame, self.detector, self.parser, self.dump_to = faces_by_frame, detector, parser, dump_to
         self.use_flow = detector is not None
         self.tracker = FaceTracker(iou_min=settings.track_iou, max_missing=settings.track_max_missing,
                                    fill_gaps=self.use_flow, smooth=settings.temporal != "off",
@@ -191,6 +191,9 @@ class Analyzer:
             crop = cut_crop(frame, self.layout, affine, self.size)
             if crop is not None:
                 task.crops.append(CropTask(item.index, len(task.crops), face.track, affine, crop, item.pts))
+        if self.parser is not None and task.crops:
+            for crop_task, mask in zip(task.crops, self.parser.masks([c.crop for c in task.crops])):
+                crop_task.mask = mask
         self.faces_seen += len(task.crops)
         if self.dump_to is not None and faces:
             shown = [transform_face(f, self.to_display) for f in faces]
@@ -204,6 +207,15 @@ def _load_detector(settings: RestoreSettings, worker: WorkerSettings):
 
     net = load_retinaface(settings.detector, resolve_device(worker.device), weights=settings.detector_weights)
     return FaceDetector(net, threshold=settings.detect_threshold, max_side=settings.detect_max_side)
+
+
+def _load_parser(settings: RestoreSettings, worker: WorkerSettings):
+    if settings.mask != "parse":
+        return None
+    from streamer.parse import FaceParser
+    from workers.restorers import resolve_device
+
+    return FaceParser(resolve_device(worker.device), weights=settings.parser_weights)
 
 
 def restore_file(input_path: str | Path, output_path: str | Path, settings: RestoreSettings,
@@ -224,6 +236,7 @@ def restore_file(input_path: str | Path, output_path: str | Path, settings: Rest
     size = crop_size(settings.model, weights)
     faces_by_frame = read_faces_file(faces_file) if faces_file is not None else None
     detector = None if faces_by_frame is not None else _load_detector(settings, worker_settings)
+    parser = _load_parser(settings, worker_settings)
 
     run = _Run()
     context = zmq.Context.instance()
@@ -241,7 +254,7 @@ def restore_file(input_path: str | Path, output_path: str | Path, settings: Rest
         dump = open(dump_faces, "w", encoding="utf-8") if dump_faces else None
         layout = YUVLayout(writer.pix_fmt, info.colorspace, info.color_range)
         analyzer = Analyzer(info, settings, size, layout, faces_by_frame=faces_by_frame, detector=detector,
-                            dump_to=dump)
+                            parser=parser, dump_to=dump)
         compositor = Compositor(layout, mask_inset=settings.mask_inset, mask_feather=settings.mask_feather)
         counters = _Counters()
         stages = _Stages(run, reader, analyzer, dispatcher, writer, compositor, settings, counters)
@@ -356,8 +369,12 @@ class _Stages:
         if task.crops:
             frame.make_writable()
             s = self.settings
-            faces = [(prepare_face(c.crop, task.restored[c.face], strength=s.strength, color_match=s.color_match,
-                                   mask=compositor.mask(c.crop.shape[0])), c.affine) for c in task.crops]
+            faces = []
+            for c in task.crops:
+                mask = compositor.mask(c.crop.shape[0]) if c.mask is None else c.mask
+                face = prepare_face(c.crop, task.restored[c.face], strength=s.strength, color_match=s.color_match,
+                                    mask=mask)
+                faces.append((face, c.affine, mask))
             metrics.FACES_PASTED.inc(compositor.paste(frame, faces))
         return frame
 

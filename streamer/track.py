@@ -24,6 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from streamer.faces import Face
 
 FLOW_MAX_SIDE = 160  # optical flow runs on the face region scaled to at most this size
+SPEED_CUTOFF_HZ = 3.0  # One-Euro: low-pass on the speed estimate (1 Hz, the usual default, lags a turning head)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -37,7 +38,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
 class OneEuroFilter:
     """Causal adaptive low-pass over an array of coordinates."""
 
-    def __init__(self, min_cutoff: float, beta: float, d_cutoff: float = 1.0):
+    def __init__(self, min_cutoff: float, beta: float, d_cutoff: float = SPEED_CUTOFF_HZ):
         self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
         self._x: np.ndarray | None = None
         self._dx: np.ndarray | None = None
@@ -115,7 +116,7 @@ class FaceTracker:
     """
 
     def __init__(self, *, iou_min: float = 0.3, max_missing: int = 5, fill_gaps: bool = True,
-                 smooth: bool = True, min_cutoff: float = 0.5, beta: float = 4.0):
+                 smooth: bool = True, min_cutoff: float = 0.5, beta: float = 6.0):
         self.iou_min, self.max_missing, self.fill_gaps = iou_min, max_missing, fill_gaps
         self.smooth, self.min_cutoff, self.beta = smooth, min_cutoff, beta
         self._tracks: list[_Track] = []
@@ -187,7 +188,8 @@ class FaceTracker:
                 visible.append(track)
         for j, det in enumerate(detections):
             if j not in matched_dets:
-                track = _Track(self._next_id, det, OneEuroFilter(self.min_cutoff, self.beta) if self.smooth else None)
+                smoother = OneEuroFilter(self.min_cutoff, self.beta, SPEED_CUTOFF_HZ) if self.smooth else None
+                track = _Track(self._next_id, det, smoother)
                 self._next_id += 1
                 survivors.append(track)
                 visible.append(track)

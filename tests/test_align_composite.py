@@ -61,7 +61,7 @@ def test_cutting_and_pasting_back_an_unchanged_face_changes_almost_nothing(pix_f
     affine = alignment(FACE, 512)
     crop = cut_crop(frame, layout, affine, 512)
     frame.make_writable()
-    Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(crop, affine)])
+    Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(crop, affine, None)])
     after = _planes(frame, layout)
     box = crop_footprint(affine, 512, frame.width, frame.height, layout)
     scale = 1 << (layout.bits - 8)
@@ -90,7 +90,7 @@ def test_a_restored_face_replaces_the_original_inside_the_mask():
     affine = alignment(FACE, 256)
     grey = np.full((256, 256, 3), 128, np.uint8)
     frame.make_writable()
-    Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(grey, affine)])
+    Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(grey, affine, None)])
     rgb = frame.to_ndarray(format="rgb24")
     nose = FACE[2].astype(int)
     assert np.abs(rgb[nose[1] - 3:nose[1] + 3, nose[0] - 3:nose[0] + 3].astype(int) - 128).max() <= 2
@@ -104,7 +104,7 @@ def test_faces_cut_by_the_frame_edge_are_pasted_inside_the_frame_only():
     crop = cut_crop(frame, layout, affine, 256)
     assert crop is not None and crop.shape == (256, 256, 3)
     frame.make_writable()
-    assert Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(crop, affine)]) == 1
+    assert Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(crop, affine, None)]) == 1
 
 
 def test_a_face_entirely_outside_the_frame_is_skipped():
@@ -112,7 +112,7 @@ def test_a_face_entirely_outside_the_frame_is_skipped():
     frame = _frame(astronaut(), "yuv420p")
     affine = alignment(FACE + 5000, 256)
     assert cut_crop(frame, layout, affine, 256) is None
-    assert Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(np.zeros((256, 256, 3)), affine)]) == 0
+    assert Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(np.zeros((256, 256, 3)), affine, None)]) == 0
 
 
 def test_overlapping_faces_put_the_larger_one_on_top():
@@ -121,7 +121,7 @@ def test_overlapping_faces_put_the_larger_one_on_top():
     big, small = alignment(FACE, 256), alignment((FACE - FACE.mean(0)) * 0.6 + FACE.mean(0), 256)
     white, black = np.full((256, 256, 3), 235, np.uint8), np.full((256, 256, 3), 20, np.uint8)
     frame.make_writable()
-    Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(white, big), (black, small)])
+    Compositor(layout, mask_inset=0.05, mask_feather=0.04).paste(frame, [(white, big, None), (black, small, None)])
     nose = FACE[2].astype(int)
     assert frame.to_ndarray(format="rgb24")[nose[1], nose[0]].mean() > 200
 
