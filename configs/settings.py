@@ -20,11 +20,11 @@ class SettingsError(ValueError):
     """Settings that do not validate; the message names the key and the problem."""
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+
+
 class _Settings(BaseSettings):
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
-        return init_settings, env_settings
+    pass
 
 
 class RestoreSettings(_Settings):
@@ -42,6 +42,7 @@ class RestoreSettings(_Settings):
     min_face: int = Field(ge=0)
     max_faces: int = Field(ge=1)
     workers: int = Field(ge=0)
+    connect: list[str]
     isolate_workers: bool
     max_frames_in_flight: int = Field(ge=2)
     worker_timeout_s: float = Field(gt=0)
@@ -69,7 +70,7 @@ class WorkerSettings(_Settings):
     model_config = SettingsConfigDict(env_prefix="GPEN_STREAM_WORKER_", extra="forbid")
 
     endpoint: str | None
-    device: str
+    device: str = Field(pattern=DEVICE_PATTERN)
     dtype: Literal["auto", "fp32", "fp16", "bf16"]
     batch: int = Field(ge=1, le=256)
     batch_wait_ms: float = Field(ge=0)
@@ -112,11 +113,10 @@ def load_settings(kind: type[_Settings], *, config_file: str | Path | None = Non
             return init_settings, env_settings, _Values(settings_cls, values)
 
     try:
-        layered = _Layered(**explicit)
+        return _Layered(**explicit)
     except ValidationError as exc:
         problems = "; ".join(f"{section}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise SettingsError(f"invalid settings: {problems}") from None
-    return kind.model_validate(layered.model_dump())
 
 
 class _Values(PydanticBaseSettingsSource):

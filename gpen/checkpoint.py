@@ -29,9 +29,11 @@ class CheckpointError(ValueError):
     """The file or state dict is not a GPEN generator checkpoint we can load."""
 
 
-def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                    mmap: bool = False) -> dict[str, torch.Tensor]:
     """A plain ``{name: tensor}`` dict from a path or a (possibly wrapped) mapping.
-    Files are read with ``weights_only=True``: a checkpoint can never run code."""
+    Files are read with ``weights_only=True``: a checkpoint can never run code. ``mmap`` maps
+    the tensors instead of reading them (enough to look at shapes; zip-format files only)."""
     if isinstance(source, Mapping):
         obj = source
     else:
@@ -39,7 +41,12 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> d
         if not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
         except Exception as exc:  # torch raises many types for corrupt or unsafe files
             raise CheckpointError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0][:200]})") from None

@@ -12,6 +12,7 @@ GPEN's released weights are for non-commercial use only (see yangxy/GPEN).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import tempfile
@@ -153,11 +154,16 @@ def verify(w: WeightFile, root: Path | None = None) -> tuple[Path, str]:
     if w.size is not None and dest.stat().st_size != w.size:
         raise WeightsError(f"{dest} has {dest.stat().st_size} bytes, expected {w.size}: the file is truncated "
                            f"or not {w.filename}. Delete it and run: gpen-stream models download {w.name}")
-    digest = _read_sidecar(dest) or sha256_of(dest)
+    cached = _read_sidecar(dest)
+    digest = cached or sha256_of(dest)
     if expected is not None and digest != expected:
         raise WeightsError(f"{dest} has SHA-256 {digest}, expected {expected}: the file is corrupt or not "
                            f"{w.filename}. Delete it and run: gpen-stream models download {w.name}")
-    _write_sidecar(dest, digest)
+    if cached is None:
+        try:
+            _write_sidecar(dest, digest)
+        except OSError:  # a read-only shared cache: verify again next time
+            pass
     return dest, "verified" if w.sha256 else "recorded"
 
 
@@ -175,7 +181,7 @@ def download(w: WeightFile, root: Path | None = None, *, progress: bool = True, 
         try:
             _fetch(url, w, dest, progress=progress, timeout=timeout)
             return dest
-        except (urllib.error.URLError, OSError, WeightsError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException, WeightsError) as exc:
             reasons.append(f"{url}: {getattr(exc, 'reason', None) or exc}")
     raise WeightsError(_offline_message(w, dest, "; ".join(reasons)))
 
@@ -186,8 +192,9 @@ def _fetch(url: str, w: WeightFile, dest: Path, *, progress: bool, timeout: floa
     request = urllib.request.Request(url, headers={"User-Agent": "gpen-stream"})
     fd, tmp_name = tempfile.mkstemp(prefix=f".{w.filename}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
+    out = os.fdopen(fd, "wb")  # owned before anything can fail, so it is always closed
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+        with out, urllib.request.urlopen(request, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or w.size
             h = hashlib.sha256()
             with tqdm(total=total, unit="B", unit_scale=True, desc=w.filename, disable=not progress,
@@ -203,10 +210,31 @@ def _fetch(url: str, w: WeightFile, dest: Path, *, progress: bool, timeout: floa
             raise WeightsError(f"got {size} bytes, expected {w.size}")
         if w.sha256 is not None and digest != w.sha256:
             raise WeightsError(f"SHA-256 {digest} does not match the expected {w.sha256}")
-        os.replace(tmp, dest)
+        if w.sha256 is None:
+            _check_loadable(tmp, url)  # nothing to compare with: at least refuse an error page
+        _publish(tmp, dest)
         _write_sidecar(dest, digest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _check_loadable(path: Path, url: str) -> None:
+    from gpen.checkpoint import CheckpointError, read_state_dict
+
+    try:
+        read_state_dict(path, mmap=True)
+    except CheckpointError:
+        head = path.read_bytes()[:40]
+        raise WeightsError(f"{url} did not send a PyTorch weights file (it starts with {head!r})") from None
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Rename into place with ordinary permissions (mkstemp makes files private), so a shared
+    cache stays readable by everyone who may read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, dest)
 
 
 def ensure(name: str, *, allow_download: bool = True, progress: bool = True) -> Path:
@@ -216,3 +244,9 @@ def ensure(name: str, *, allow_download: bool = True, progress: bool = True) -> 
     if dest.is_file() or not allow_download:
         return verify(w)[0]
     return download(w, progress=progress)
+
+
+def locate(name: str, override: str | Path | None = None, *, allow_download: bool = True) -> Path:
+    """The file to load for ``name``: ``override`` (a user's own checkpoint) if given, else the
+    verified cached release, fetched on first use."""
+    return Path(override) if override is not None else ensure(name, allow_download=allow_download)

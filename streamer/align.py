@@ -66,9 +66,3 @@ def invert(affine: np.ndarray) -> np.ndarray:
 def alignment(landmarks: np.ndarray, size: int) -> np.ndarray:
     """2x3 affine mapping frame pixels to a size x size GPEN crop of the face."""
     return similarity(landmarks, reference_points(size))
-
-
-def warp_crop(image: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
-    """The aligned crop. Pixels outside the frame repeat the edge (a face cut by the frame
-    edge then shows no black wedge for the network to reproduce)."""
-    return cv2.warpAffine(image, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, metavar="N", help="inference workers (default: one per GPU, or 1)")
     r.add_argument("--isolate-workers", action="store_true", default=None,
                    help="run even a single worker in its own process")
+    r.add_argument("--connect", action="append", metavar="ENDPOINT",
+                   help="use a running worker (gpen-stream worker --endpoint ...) instead of starting one; repeatable")
     r.add_argument("--batch", type=int, metavar="B", help="crops per model call (default 4)")
     r.add_argument("--temporal", choices=["off", "landmarks", "full"],
                    help="flicker reduction: landmark smoothing, plus blending with the previous face (full)")
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except Exception as exc:  # a command failed in a way it did not foresee: one line, no traceback
+        log.error("failed: %s: %s (run with --log-level debug for details)", type(exc).__name__, exc)
+        log.debug("traceback", exc_info=True)
+        return EXIT_FAILED
 
 
 # ---------------------------------------------------------------------- restore
@@ -139,33 +145,40 @@ def _restore(args) -> int:
     settings = load_settings(RestoreSettings, config_file=args.config, overrides={
         "model": args.model, "weights": args.weights, "detector": args.detector,
         "detector_weights": args.detector_weights, "detect_every": args.detect_every,
-        "workers": args.workers, "isolate_workers": args.isolate_workers, "temporal": args.temporal,
+        "workers": args.workers, "isolate_workers": args.isolate_workers, "connect": args.connect,
+        "temporal": args.temporal,
         "strength": args.strength, "color_match": args.color_match, "mask": args.mask,
         "parser_weights": args.parser_weights, "codec": args.codec, "crf": args.crf,
         "preset": args.preset, "corrupt_frames": args.corrupt_frames})
     worker = load_settings(WorkerSettings, config_file=args.config, overrides={
         "device": args.device, "dtype": args.dtype, "batch": args.batch})
-    cancel = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    def interrupted(signum, _frame):
+        # Raised in the main thread wherever it is: restore_file stops its threads and removes
+        # the partial output on the way out.
+        raise RestoreCancelled(f"interrupted by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     reporter = _ProgressReporter(quiet=args.quiet, json_lines=args.json_progress)
     try:
         result = restore_file(args.input, args.output, settings, worker, faces_file=args.faces,
-                              dump_faces=args.dump_faces, progress=reporter, cancel=cancel)
-    except KeyboardInterrupt:
+                              dump_faces=args.dump_faces, progress=reporter)
+    except RestoreCancelled as exc:
         reporter.close()
         reporter.emit({"event": "cancelled"})
-        log.error("interrupted; no output written")
-        return EXIT_CANCELLED
-    except RestoreCancelled:
-        reporter.close()
-        reporter.emit({"event": "cancelled"})
-        log.error("cancelled; no output written")
+        log.error("%s; no output written", exc)
         return EXIT_CANCELLED
     except (MediaError, WeightsError, CheckpointError, ModelUnavailable, DetectorUnavailable, ParserUnavailable,
-            DispatchError, FacesFileError) as exc:
+            DispatchError, FacesFileError, SettingsError) as exc:
         reporter.close()
         reporter.emit({"event": "failed", "error": str(exc)})
         log.error("%s", exc)
+        return EXIT_FAILED
+    except Exception as exc:  # anything else: one clear line, the traceback only when asked for
+        reporter.close()
+        reporter.emit({"event": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        log.error("failed: %s: %s (run with --log-level debug for details)", type(exc).__name__, exc)
+        log.debug("traceback", exc_info=True)
         return EXIT_FAILED
     reporter.close()
     summary = {"event": "done", "output": str(result.output), "frames": result.frames, "faces": result.faces,
@@ -207,7 +220,11 @@ class _ProgressReporter:
 
     def emit(self, obj: dict) -> None:
         if self.json_lines:
-            print(json.dumps(obj), flush=True)
+            try:
+                print(json.dumps(obj), flush=True)
+            except BrokenPipeError:  # the reader went away (e.g. `| head`): keep working, stop printing
+                self.json_lines = False
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def close(self) -> None:
         if self._bar is not None:
@@ -266,6 +283,7 @@ def _models(args) -> int:
 
 def _worker(args) -> int:
     import torch
+    import zmq
 
     from workers.restorers import ModelUnavailable, build_restorer, resolve_device, resolve_dtype
     from workers.temporal import TemporalBlender
@@ -291,7 +309,11 @@ def _worker(args) -> int:
         return EXIT_FAILED
     worker = Worker(restorers, batch=settings.batch, batch_wait_ms=settings.batch_wait_ms, credits=settings.credits,
                     device=str(device), blender=TemporalBlender(settings.blend_max, settings.blend_sigma))
-    worker.bind(settings.endpoint)
+    try:
+        worker.bind(settings.endpoint)
+    except zmq.ZMQError as exc:
+        log.error("cannot listen on %s: %s", settings.endpoint, exc)
+        return EXIT_FAILED
     signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())
     if args.parent_pid:

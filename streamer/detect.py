@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 import torch
 
+from gpen.checkpoint import CheckpointError, read_state_dict
+from gpen.weights import WeightsError, locate
 from streamer.faces import Face, display_transform, transform_face
 
 log = logging.getLogger(__name__)
@@ -32,20 +34,11 @@ def load_retinaface(name: str, device: torch.device, weights: str | Path | None 
                     allow_download: bool = True) -> torch.nn.Module:
     if name not in NETWORKS:
         raise DetectorUnavailable(f"unknown detector '{name}'; use one of {', '.join(NETWORKS)}")
-    if weights is None:
-        from gpen.weights import WeightsError, ensure
-
-        try:
-            weights = ensure(name, allow_download=allow_download)
-        except WeightsError as exc:
-            raise DetectorUnavailable(str(exc)) from None
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DetectorUnavailable(f"{weights} is not a readable PyTorch weights file ({type(exc).__name__})") from None
-    if not isinstance(state, dict):
-        raise DetectorUnavailable(f"{weights} holds no state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+        weights = locate(name, weights, allow_download=allow_download)
+        state = read_state_dict(weights)  # weights_only; drops DataParallel's "module." prefix
+    except (WeightsError, CheckpointError) as exc:
+        raise DetectorUnavailable(str(exc)) from None
     with warnings.catch_warnings():  # torchvision's deprecation notes about facexlib's backbone call
         warnings.simplefilter("ignore")
         from facexlib.detection.retinaface import RetinaFace
@@ -71,16 +64,20 @@ class FaceDetector:
         upright = np.rot90(rgb, rotation_steps) if rotation_steps else rgb
         scale = min(1.0, self.max_side / max(upright.shape[:2]))
         bgr = np.ascontiguousarray(upright[:, :, ::-1])
+        sx = sy = 1.0
         if scale < 1.0:
             size = (max(1, round(bgr.shape[1] * scale)), max(1, round(bgr.shape[0] * scale)))
+            sx, sy = size[0] / bgr.shape[1], size[1] / bgr.shape[0]
             bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
         dets = self.net.detect_faces(bgr, conf_threshold=self.threshold, nms_threshold=NMS_THRESHOLD,
                                      use_origin_size=True)
         to_coded = np.linalg.inv(display_transform(w, h, rotation_steps))
         faces = []
+        # back to full-size pixels through pixel centres: x_full = (x_small + 0.5) / s - 0.5
+        unscale = lambda pts: (pts.reshape(-1, 2) + 0.5) / (sx, sy) - 0.5  # noqa: E731
         for det in np.asarray(dets, dtype=np.float64).reshape(-1, 15):
             if not np.all(np.isfinite(det)):
                 continue
-            face = Face(landmarks=det[5:15].reshape(5, 2) / scale, box=det[:4] / scale, score=float(det[4]))
+            face = Face(landmarks=unscale(det[5:15]), box=unscale(det[:4]).reshape(4), score=float(det[4]))
             faces.append(transform_face(face, to_coded) if rotation_steps else face)
         return faces

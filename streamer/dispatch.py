@@ -55,6 +55,13 @@ class FrameTask:
         return len(self.restored) == len(self.crops)
 
 
+@dataclass(frozen=True)
+class _TrackEnd:
+    """Queued after a track's last crop: tell its worker to forget the track's state."""
+
+    track: int
+
+
 class WorkerLink:
     """One worker as seen from here: its socket, credits and unfinished crops."""
 
@@ -63,11 +70,11 @@ class WorkerLink:
         self.endpoint = endpoint
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
         self.socket.connect(endpoint)
         self.credits = 0
         self.ready = False
         self.dead = False
-        self.models: tuple[str, ...] = ()
         self.name = endpoint
         self.last_heard = time.monotonic()
         self.outstanding: dict[tuple[int, int], CropTask] = {}
@@ -82,8 +89,8 @@ class WorkerLink:
     def send(self, header, pixels: np.ndarray | None = None) -> None:
         self.socket.send_multipart(wire.encode(header, pixels), copy=False)
 
-    def close(self) -> None:
-        self.socket.close()
+    def close(self, linger_ms: int = 0) -> None:
+        self.socket.close(linger=linger_ms)
 
 
 class Dispatcher:
@@ -101,12 +108,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ setup and teardown
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Greet every worker and wait for its first credit (models loaded)."""
+    def wait_ready(self, timeout_s: float, should_stop: Callable[[], None] | None = None) -> None:
+        """Greet every worker and wait for its first credit (models loaded). ``should_stop``
+        is called while waiting and may raise to abandon the wait."""
         for link in self.links:
             link.send(wire.Hello(job=self.job))
         deadline = time.monotonic() + timeout_s
         while not all(link.ready or link.dead for link in self.links):
+            if should_stop is not None:
+                should_stop()
             self._poll(200)
             for link in self.links:
                 if not link.ready and not link.dead and not link.alive():
@@ -122,12 +132,14 @@ class Dispatcher:
 
     def close(self) -> None:
         for link in self.links:
+            said_bye = False
             if link.alive():
                 try:
                     link.send(wire.Bye(job=self.job))
+                    said_bye = True
                 except zmq.ZMQError:
                     pass
-            link.close()
+            link.close(linger_ms=500 if said_bye else 0)  # let the bye reach a remote worker
 
     # ------------------------------------------------------------------ work
 
@@ -138,11 +150,8 @@ class Dispatcher:
     def submit(self, task: FrameTask) -> None:
         self._frames[task.index] = task
         self._queue.extend(task.crops)
-        for track in task.ended_tracks:
-            link = self._affinity.pop(track, None)
-            if link is not None and link.alive():
-                link.tracks.discard(track)
-                link.send(wire.EndTrack(job=self.job, track=track))
+        # Queued, not sent: the end of a track must not overtake its last crops.
+        self._queue.extend(_TrackEnd(track) for track in task.ended_tracks)
 
     def pump(self, timeout_ms: int) -> list[FrameTask]:
         """Send what credits allow, receive results, check health. Returns frames whose
@@ -158,9 +167,15 @@ class Dispatcher:
 
     def _send_queued(self) -> None:
         blocked: set[int] = set()  # a track's crops must not overtake each other
-        kept: deque[CropTask] = deque()
+        kept: deque = deque()
         while self._queue:
             task = self._queue.popleft()
+            if isinstance(task, _TrackEnd):
+                if task.track in blocked:
+                    kept.append(task)
+                else:
+                    self._end_track(task.track)
+                continue
             link = None if task.track in blocked else self._link_for(task.track)
             if link is None or link.credits <= 0:
                 blocked.add(task.track)
@@ -175,6 +190,12 @@ class Dispatcher:
             link.credits -= 1
             link.outstanding[(task.frame, task.face)] = task
         self._queue = kept
+
+    def _end_track(self, track: int) -> None:
+        link = self._affinity.pop(track, None)
+        if link is not None and link.alive():
+            link.tracks.discard(track)
+            link.send(wire.EndTrack(job=self.job, track=track))
 
     def _link_for(self, track: int) -> WorkerLink | None:
         link = self._affinity.get(track)
@@ -214,18 +235,23 @@ class Dispatcher:
                 if self.model not in header.models:
                     self._declare_dead(link, f"serves {', '.join(header.models)}, not {self.model}")
                     return
-                link.ready, link.models, link.name = True, header.models, f"{header.worker}@{link.endpoint}"
+                link.ready, link.name = True, f"{header.worker}@{link.endpoint}"
             link.credits += header.credits
         elif isinstance(header, (wire.Result, wire.Error)):
+            if header.job != self.job:
+                log.warning("ignored a reply for job %s from %s", header.job, link.name)
+                return
             task = link.outstanding.pop((header.frame, header.face), None)
-            if task is None or header.job != self.job:
+            if task is None:
                 return  # a late reply for a crop already re-sent elsewhere
             link.credits += 1
             if isinstance(header, wire.Error):
                 raise DispatchError(f"worker {link.name} could not restore frame {header.frame}: {header.reason}")
+            if header.size != self.size:
+                raise DispatchError(f"worker {link.name} returned {header.size}px crops, expected {self.size}px")
             frame = self._frames.get(header.frame)
             if frame is not None:
-                frame.restored[header.face] = np.array(pixels)  # own the bytes; the message buffer is reused
+                frame.restored[header.face] = pixels  # a view that keeps the received message alive
         else:
             log.warning("unexpected %s message from %s", header.kind, link.name)
 

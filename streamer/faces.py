@@ -16,7 +16,7 @@ bounds grown by 50%, the score to 1). Frames not listed have no faces.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +37,6 @@ class Face:
     @property
     def size(self) -> float:
         return float(min(self.box[2] - self.box[0], self.box[3] - self.box[1]))
-
-
-@dataclass
-class FrameFaces:
-    index: int
-    faces: list[Face] = field(default_factory=list)
 
 
 def box_from_landmarks(landmarks: np.ndarray, grow: float = 0.5) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 
 from streamer.faces import display_rotation_steps
 from streamer.yuv import PLANAR_YUV
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,20 @@ REFUSED_DEMUXERS = {"hls", "applehttp", "concat", "dash", "image2", "image2pipe"
 # What FFmpeg's demuxers log when a file stops before its own structure says it should.
 TRUNCATION_MARKERS = ("ended prematurely", "partial file", "truncat", "end of file reached before")
 DEFAULT_CODEC = "libx264"
+TUNED_CODECS = ("libx264", "libx265")  # the encoders --crf and --preset are passed to
 
 
 class MediaError(RuntimeError):
     """The input cannot be read or the output cannot be written; the message says why."""
 
 
+AVCOL_SPC_RGB, AVCOL_SPC_BT709 = 0, 1
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     path: Path
+    stream_index: int
     width: int
     height: int
     pix_fmt: str
@@ -51,7 +57,9 @@ class VideoInfo:
     time_base: Fraction
     rate: Fraction | None
     frames: int  # from the container index; 0 if unknown
-    duration_s: float | None
+    duration_s: float | None  # the video stream's, else the container's (for progress)
+    stream_duration_s: float | None  # the video stream's own, if the container records it
+    start_s: float  # the video stream's start time
     rotation: int  # degrees counter-clockwise, from the display matrix
     colorspace: int
     color_range: int
@@ -64,6 +72,16 @@ class VideoInfo:
         return display_rotation_steps(self.rotation)
 
     @property
+    def frame_step_s(self) -> float:
+        """Nominal seconds per frame (for frames without timestamps)."""
+        return 1.0 / float(self.rate) if self.rate else 1 / 25
+
+    @property
+    def output_colorspace(self) -> int:
+        """The YUV matrix to write: the input's, or BT.709 when the input is RGB."""
+        return AVCOL_SPC_BT709 if self.colorspace == AVCOL_SPC_RGB else self.colorspace
+
+    @property
     def expected_frames(self) -> int:
         """Index count, else duration x rate, else 0."""
         if self.frames:
@@ -71,6 +89,17 @@ class VideoInfo:
         if self.duration_s and self.rate:
             return int(round(self.duration_s * float(self.rate)))
         return 0
+
+
+def _ffmpeg_url(path: Path) -> str:
+    # "file:" keeps FFmpeg from reading "clip:1.mp4" as a protocol named "clip"
+    return "file:" + str(path.absolute())
+
+
+def video_stream(container) -> av.VideoStream | None:
+    """The main video stream: the first one that is not an attached picture (cover art)."""
+    attached = av.stream.Disposition.attached_pic
+    return next((s for s in container.streams.video if not s.disposition & attached), None)
 
 
 def open_input(path: str | Path) -> av.container.InputContainer:
@@ -82,7 +111,7 @@ def open_input(path: str | Path) -> av.container.InputContainer:
     if not os.access(path, os.R_OK):
         raise MediaError(f"input is not readable: {path}")
     try:
-        container = av.open(str(path), options={"protocol_whitelist": "file"})
+        container = av.open(_ffmpeg_url(path), options={"protocol_whitelist": "file"})
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
         detail = "empty file" if path.stat().st_size == 0 else str(exc).split(";")[0]
         raise MediaError(f"{path} is not a readable video file (truncated, corrupt or another format): "
@@ -91,34 +120,37 @@ def open_input(path: str | Path) -> av.container.InputContainer:
         container.close()
         raise MediaError(f"{path} is a {container.format.name} playlist/sequence, which may reference other "
                          "files; give gpen-stream the media file itself")
-    if not container.streams.video:
+    if video_stream(container) is None:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()
-        raise MediaError(f"{path} has no video stream (streams: {', '.join(kinds)})")
+        raise MediaError(f"{path} has no video stream (streams: {', '.join(kinds)}; cover art does not count)")
     return container
 
 
 def probe(path: str | Path) -> VideoInfo:
     """Open ``path`` (with the file-job restrictions) and describe its first video stream."""
     with open_input(path) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         cc = stream.codec_context
         if not stream.width or not stream.height or cc.format is None:
             raise MediaError(f"{path}: video stream has no usable size or pixel format")
-        duration = None
+        stream_duration = None
         if stream.duration is not None and stream.time_base:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
+            stream_duration = float(stream.duration * stream.time_base)
+        duration = stream_duration
+        if duration is None and container.duration is not None:
             duration = container.duration / av.time_base
         try:  # the display matrix reaches us on decoded frames
             rotation = int(round(next(container.decode(stream)).rotation or 0))
         except (StopIteration, av.error.FFmpegError):
             rotation = 0
         return VideoInfo(
-            path=Path(path), width=stream.width, height=stream.height, pix_fmt=cc.format.name,
-            bits=max((c.bits for c in cc.format.components), default=8), codec=cc.name,
+            path=Path(path), stream_index=stream.index, width=stream.width, height=stream.height,
+            pix_fmt=cc.format.name, bits=max((c.bits for c in cc.format.components), default=8), codec=cc.name,
             time_base=stream.time_base, rate=stream.average_rate or stream.guessed_rate, frames=stream.frames or 0,
-            duration_s=duration, rotation=rotation, colorspace=int(cc.colorspace), color_range=int(cc.color_range),
+            duration_s=duration, stream_duration_s=stream_duration,
+            start_s=float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0,
+            rotation=rotation, colorspace=int(cc.colorspace), color_range=int(cc.color_range),
             color_primaries=int(cc.color_primaries), color_trc=int(cc.color_trc),
             sample_aspect=stream.sample_aspect_ratio)
 
@@ -138,6 +170,8 @@ def output_pix_fmt(info: VideoInfo, codec: str) -> str:
     for candidate in ((["yuv444p10le"] if deep else []) + ["yuv444p"] if odd else
                       (["yuv420p10le"] if deep else []) + ["yuv420p", "yuv444p"]):
         if candidate in supported:
+            if deep and not candidate.endswith("10le"):
+                log.warning("%s cannot write %d-bit video; the output will be 8-bit", codec, info.bits)
             return candidate
     raise MediaError(f"encoder {codec} takes none of the pixel formats gpen-stream can write for {fmt} "
                      f"{info.width}x{info.height}")
@@ -160,15 +194,21 @@ class Reader:
             av.logging.set_level(av.logging.ERROR)  # truncation is only visible in FFmpeg's log
         self.container = open_input(info.path)
         self.info, self.strict = info, strict
-        self.video = self.container.streams.video[0]
+        self.video = self.container.streams[info.stream_index]
         self.video.thread_type = "AUTO"
         self.copied = [s for s in self.container.streams if s is not self.video and s.type in ("audio", "subtitle", "data")]
+        dropped = [f"#{s.index} ({s.type})" for s in self.container.streams
+                   if s is not self.video and s not in self.copied]
+        if dropped:
+            log.warning("not copied: stream(s) %s (only one video stream is restored)", ", ".join(dropped))
         self.corrupt = 0
         self.decoded = 0
         self.last_time_s = 0.0
 
     def frames(self, on_packet):
-        fallback_step = 1.0 / float(self.info.rate) if self.info.rate else 1 / 25
+        """Decoded frames; ``on_packet`` gets the other streams' packets, then None once the
+        input is exhausted."""
+        fallback_step = self.info.frame_step_s
         with av.logging.Capture(local=True) as demuxer_log:
             for packet in self.container.demux(self.video, *self.copied):
                 if packet.stream is not self.video:
@@ -188,6 +228,7 @@ class Reader:
                 raise MediaError(f"{self.info.path} ends early after {self.decoded} frames ({source}: "
                                  f"{message.strip()}); the file is truncated or corrupt")
         self._check_complete(fallback_step)
+        on_packet(None)
 
     def close(self) -> None:
         self.container.close()
@@ -201,6 +242,7 @@ class Reader:
 
     def _corrupt(self, exc: Exception) -> None:
         self.corrupt += 1
+        metrics.CORRUPT_FRAMES.inc()
         if self.strict:
             raise MediaError(f"{self.info.path}: undecodable video data after frame {self.decoded} ({exc}); "
                              "use --corrupt-frames skip to skip such frames") from None
@@ -213,7 +255,7 @@ class Reader:
         if expected and self.decoded + self.corrupt < expected * 0.99 - 2:
             raise MediaError(f"{self.info.path} ends early: {self.decoded} of {expected} frames could be read; "
                              "the file is truncated or corrupt")
-        duration = self.info.duration_s
+        duration = self.info.stream_duration_s  # not the container's: audio may outlast the video
         if not expected and duration and self.last_time_s + step < duration - max(1.0, 3 * step):
             raise MediaError(f"{self.info.path} ends early: frames stop at {self.last_time_s:.2f} s of "
                              f"{duration:.2f} s; the file is truncated or corrupt")
@@ -229,15 +271,13 @@ class Writer:
         self.info = info
         self.codec = codec or DEFAULT_CODEC
         self.crf, self.preset = crf, preset
-        folder = self.path.parent
-        if not self.path.suffix:
-            raise MediaError(f"output {self.path} has no extension; use .mp4, .mkv or .mov")
-        if not folder.is_dir():
-            raise MediaError(f"output folder does not exist: {folder}")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise MediaError(f"output folder is not writable: {folder}")
+        check_output(self.path)
+        if self.codec not in TUNED_CODECS:
+            log.warning("--crf and --preset apply to %s only; %s runs with its defaults",
+                        " and ".join(TUNED_CODECS), self.codec)
         self.pix_fmt = output_pix_fmt(info, self.codec)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".part{self.path.suffix}", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".part{self.path.suffix}",
+                                   dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp)  # keeps the real extension last, so FFmpeg picks the same muxer
         self._last_pts: int | None = None
@@ -251,7 +291,7 @@ class Writer:
 
     def _open(self, copied: list, *, retrying: bool = False) -> None:
         try:
-            self.container = av.open(str(self.tmp), "w")
+            self.container = av.open(_ffmpeg_url(self.tmp), "w")
         except (av.error.FFmpegError, ValueError) as exc:
             raise MediaError(f"cannot write {self.path.suffix} files: {exc}") from None
         self.video = self._add_video()
@@ -278,7 +318,7 @@ class Writer:
 
     def _add_video(self):
         info = self.info
-        options = {"crf": f"{self.crf:g}", "preset": self.preset} if self.codec in ("libx264", "libx265") else {}
+        options = {"crf": f"{self.crf:g}", "preset": self.preset} if self.codec in TUNED_CODECS else {}
         try:
             stream = self.container.add_stream(self.codec, rate=info.rate or Fraction(25), options=options)
         except (av.error.FFmpegError, ValueError) as exc:
@@ -287,7 +327,7 @@ class Writer:
         stream.time_base = info.time_base
         cc = stream.codec_context
         cc.time_base = info.time_base
-        cc.colorspace, cc.color_range = info.colorspace, info.color_range
+        cc.colorspace, cc.color_range = info.output_colorspace, info.color_range
         cc.color_primaries, cc.color_trc = info.color_primaries, info.color_trc
         if info.sample_aspect:
             cc.sample_aspect_ratio = info.sample_aspect
@@ -297,8 +337,7 @@ class Writer:
 
     def write(self, frame: av.VideoFrame, pts: int | None, index: int) -> None:
         if pts is None:
-            step = 1 / (float(self.info.rate or 25) * float(self.info.time_base))
-            pts = int(round(index * step))
+            pts = int(round(index * self.info.frame_step_s / float(self.info.time_base)))
         if self._last_pts is not None and pts <= self._last_pts:
             pts = self._last_pts + 1  # encoders refuse repeated timestamps
             self.fixed_pts += 1
@@ -306,22 +345,31 @@ class Writer:
         frame.pts = pts
         frame.time_base = self.info.time_base
         frame.pict_type = av.video.frame.PictureType.NONE  # let the encoder choose frame types
-        for packet in self.video.encode(frame):
-            self.container.mux(packet)
+        try:
+            for packet in self.video.encode(frame):
+                self.container.mux(packet)
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"encoding {self.path} failed: {exc}") from None
 
     def copy(self, packet: av.Packet) -> None:
         out = self.stream_map.get(packet.stream.index)
         if out is not None:
             packet.stream = out
-            self.container.mux(packet)
+            try:
+                self.container.mux(packet)
+            except av.error.FFmpegError as exc:
+                raise MediaError(f"copying stream #{packet.stream.index} into {self.path} failed: {exc}") from None
 
     def commit(self) -> Path:
-        for packet in self.video.encode(None):
-            self.container.mux(packet)
-        self.container.close()
+        try:
+            for packet in self.video.encode(None):
+                self.container.mux(packet)
+            self.container.close()
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"finishing {self.path} failed: {exc}") from None
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -331,6 +379,39 @@ class Writer:
             except Exception:  # the file is being thrown away; a close error changes nothing
                 pass
         self.tmp.unlink(missing_ok=True)
+
+
+def check_output(path: Path, input_path: Path | None = None) -> None:
+    """Fail fast, before any slow work, on an output that cannot be written."""
+    if not path.suffix:
+        raise MediaError(f"output {path} has no extension; use .mp4, .mkv or .mov")
+    if path.is_dir():
+        raise MediaError(f"output {path} is a folder; give a file name")
+    if input_path is not None and path.resolve() == Path(input_path).resolve():
+        raise MediaError("output must not be the input file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise MediaError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MediaError(f"output folder is not writable: {folder}")
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary file into place, with the permissions a new file would
+    have had (mkstemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, final)
+
+
+def packet_offset_s(packet: av.Packet) -> float | None:
+    """Seconds since the start of the packet's stream (streams may start at different epochs)."""
+    ts = packet.dts if packet.dts is not None else packet.pts
+    if ts is None:
+        return None
+    start = packet.stream.start_time or 0
+    return float((ts - start) * packet.time_base)
 
 
 def luma(frame: av.VideoFrame) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 GPEN pastes restored faces through a face-parsing mask instead of a rectangle, so hair, ears
 and neck follow the face and the background around it stays untouched (GPEN #31). We run
-ParseNet (19 CelebAMask-HQ classes, 512x512) on the aligned *input* crop, while the worker
-restores it, and keep every class but background, hat and cloth, as GPEN does; then, as GPEN,
-zero a border (26 px at 512) and blur twice (Gaussian, sigma 4 at 512).
+ParseNet (19 CelebAMask-HQ classes, 512x512) on the aligned *input* crop, in the decoder
+before the crop is dispatched (so occluders in front of the face stay out of the mask), and
+keep every class but background, hat and cloth, as GPEN does; then, as GPEN, zero a border
+(26 px at 512) and blur twice (Gaussian, sigma 4 at 512).
 
 ParseNet costs ~3 s per face on a 2-core CPU; it runs on the decoder's device (the same as the
 detector: CUDA when available).
@@ -18,6 +19,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+from gpen.checkpoint import CheckpointError, read_state_dict
+from gpen.weights import WeightsError, locate
 
 PARSE_SIZE = 512
 EXCLUDED_CLASSES = (0, 14, 18)  # background, hat, cloth
@@ -44,17 +48,11 @@ def mask_from_labels(labels: np.ndarray, size: int) -> np.ndarray:
 
 class FaceParser:
     def __init__(self, device: torch.device, weights: str | Path | None = None, allow_download: bool = True):
-        if weights is None:
-            from gpen.weights import WeightsError, ensure
-
-            try:
-                weights = ensure("parsenet", allow_download=allow_download)
-            except WeightsError as exc:
-                raise ParserUnavailable(str(exc)) from None
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ParserUnavailable(f"{weights} is not a readable PyTorch weights file ({type(exc).__name__})") from None
+            weights = locate("parsenet", weights, allow_download=allow_download)
+            state = read_state_dict(weights)
+        except (WeightsError, CheckpointError) as exc:
+            raise ParserUnavailable(str(exc)) from None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from facexlib.parsing.parsenet import ParseNet

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -31,7 +34,8 @@ from streamer.align import AlignmentError, alignment
 from streamer.composite import Compositor, cut_crop, prepare_face
 from streamer.dispatch import CropTask, Dispatcher, FrameTask, WorkerLink
 from streamer.faces import Face, display_transform, face_record, read_faces_file, transform_face
-from streamer.media import DecodedFrame, MediaError, Reader, VideoInfo, Writer, luma, probe
+from streamer.media import (DecodedFrame, MediaError, Reader, VideoInfo, Writer, check_output, luma,
+                            packet_offset_s, probe, publish)
 from streamer.track import FaceTracker, SceneCutDetector
 from streamer.yuv import YUVLayout
 from workers import metrics
@@ -222,37 +226,52 @@ def restore_file(input_path: str | Path, output_path: str | Path, settings: Rest
                  worker_settings: WorkerSettings, *, faces_file: str | Path | None = None,
                  dump_faces: str | Path | None = None, progress: Callable[[Progress], None] | None = None,
                  cancel: threading.Event | None = None) -> RestoreResult:
-    """Restore the faces in ``input_path`` and write ``output_path`` (atomically)."""
+    """Restore the faces in ``input_path`` and write ``output_path`` (atomically).
+
+    ``cancel`` (set from any thread) stops the job with RestoreCancelled; nothing is written.
+    """
     started = time.monotonic()
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise RestoreCancelled("cancelled")
+
     info = probe(input_path)
     output_path = Path(output_path)
-    if output_path.resolve() == Path(input_path).resolve():
-        raise MediaError("output must not be the input file")
+    check_output(output_path, Path(input_path))  # before any slow work
+    if dump_faces is not None:
+        check_output(Path(dump_faces))
     weights = settings.weights
-    if weights is None and settings.model != IDENTITY:
+    if weights is None and settings.model != IDENTITY and not settings.connect:
         from gpen.weights import ensure
 
         weights = ensure(settings.model)  # fetched and verified before any work starts
-    size = crop_size(settings.model, weights)
+    size = crop_size(settings.model, settings.weights)
     faces_by_frame = read_faces_file(faces_file) if faces_file is not None else None
+    check_cancel()
     detector = None if faces_by_frame is not None else _load_detector(settings, worker_settings)
     parser = _load_parser(settings, worker_settings)
+    check_cancel()
 
     run = _Run()
     context = zmq.Context.instance()
-    pool = start_local_workers(settings.model, weights, worker_settings, count=settings.workers,
-                               isolate=settings.isolate_workers, context=context)
-    links = [WorkerLink(context, w.endpoint, is_alive=w.is_alive, describe=w.describe) for w in pool.workers]
-    dispatcher = Dispatcher(links, job=uuid.uuid4().hex[:12], model=settings.model, size=size,
-                            temporal=settings.temporal, timeout_s=settings.worker_timeout_s)
-    reader = writer = dump = None
+    pool = reader = writer = dump = dispatcher = None
+    threads: list[threading.Thread] = []
     try:
-        dispatcher.wait_ready(WORKER_START_TIMEOUT_S)
+        if settings.connect:  # workers elsewhere (gpen-stream worker --endpoint ...)
+            links = [WorkerLink(context, endpoint) for endpoint in settings.connect]
+        else:
+            pool = start_local_workers(settings.model, weights, worker_settings, count=settings.workers,
+                                       isolate=settings.isolate_workers, context=context)
+            links = [WorkerLink(context, w.endpoint, is_alive=w.is_alive, describe=w.describe) for w in pool.workers]
+        dispatcher = Dispatcher(links, job=uuid.uuid4().hex[:12], model=settings.model, size=size,
+                                temporal=settings.temporal, timeout_s=settings.worker_timeout_s)
+        dispatcher.wait_ready(WORKER_START_TIMEOUT_S, should_stop=check_cancel)
         reader = Reader(info, strict=settings.corrupt_frames == "fail")
         writer = Writer(output_path, info, reader.copied, codec=settings.codec, crf=settings.crf,
                         preset=settings.preset)
-        dump = open(dump_faces, "w", encoding="utf-8") if dump_faces else None
-        layout = YUVLayout(writer.pix_fmt, info.colorspace, info.color_range)
+        dump = _AtomicText(Path(dump_faces)) if dump_faces else None
+        layout = YUVLayout(writer.pix_fmt, info.output_colorspace, info.color_range)
         analyzer = Analyzer(info, settings, size, layout, faces_by_frame=faces_by_frame, detector=detector,
                             parser=parser, dump_to=dump)
         compositor = Compositor(layout, mask_inset=settings.mask_inset, mask_feather=settings.mask_feather)
@@ -265,27 +284,82 @@ def restore_file(input_path: str | Path, output_path: str | Path, settings: Rest
             if cancel is not None and cancel.is_set():
                 run.fail(RestoreCancelled("cancelled"))
             if progress is not None:
-                progress(Progress(counters.frames, total, time.monotonic() - started))
+                try:
+                    progress(Progress(counters.frames, total, time.monotonic() - started))
+                except Exception as exc:  # a broken progress consumer stops the job cleanly
+                    run.fail(exc)
         if run.error is not None:
             raise run.error
-        writer.commit()
+        with _signals_blocked():  # an interrupt now must not leave a renamed file reported as failed
+            writer.commit()
+            if dump is not None:
+                dump.commit()
+        if writer.fixed_pts:
+            log.warning("%d frames had repeated or decreasing timestamps; each was moved one tick later",
+                        writer.fixed_pts)
         if progress is not None:
             progress(Progress(counters.frames, counters.frames, time.monotonic() - started))
         timings = dict(run.timings, detect=analyzer.detect_s)
         return RestoreResult(output_path, counters.frames, counters.faces, reader.corrupt,
                              time.monotonic() - started, writer.fixed_pts, timings)
-    except BaseException:
+    except BaseException as exc:
+        run.fail(exc)
+        _join(threads)  # no thread may still be using what is torn down below
         if writer is not None:
             writer.abort()
+        if dump is not None:
+            dump.abort()
         raise
     finally:
         run.stop.set()
-        if dump is not None:
-            dump.close()
         if reader is not None:
             reader.close()
-        dispatcher.close()
-        pool.stop()
+        if dispatcher is not None:
+            dispatcher.close()
+        if pool is not None:
+            pool.stop()
+
+
+def _join(threads: list[threading.Thread], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
+class _signals_blocked:
+    """Hold SIGINT/SIGTERM back (main thread, POSIX) for a short critical section."""
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+    def __enter__(self):
+        self.active = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+        if self.active:
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+
+
+class _AtomicText:
+    """A text file written beside its destination and renamed into place on commit."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        self.tmp = Path(tmp)
+        self.file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self.file.write(text)
+
+    def commit(self) -> None:
+        self.file.close()
+        publish(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -303,7 +377,8 @@ class _Stages:
         self.writer, self.compositor, self.settings, self.counters = writer, compositor, settings, counters
         self.analyzed: queue.Queue = queue.Queue(maxsize=8)
         self.ordered: queue.Queue = queue.Queue(maxsize=settings.max_frames_in_flight)
-        self.packets: deque = deque()  # other streams' packets, in demux order
+        self.packets: deque = deque()  # other streams' packets, in demux order; None ends them
+        self.input_done = False
 
     def all(self):
         return [("decoder", self.decode), ("dispatcher", self.dispatch), ("writer", self.write)]
@@ -357,7 +432,7 @@ class _Stages:
             run.timed("compose", started)
             started = time.perf_counter()
             writer.write(frame, task.item.pts, task.index)
-            self._copy_packets(until_s=task.item.time_s + PASSTHROUGH_LEAD_S)
+            self._copy_packets(until_s=task.item.time_s - writer.info.start_s + PASSTHROUGH_LEAD_S)
             run.timed("encode", started)
             self.counters.frames += 1
             self.counters.faces += len(task.crops)
@@ -379,9 +454,15 @@ class _Stages:
         return frame
 
     def _copy_packets(self, until_s: float | None) -> None:
+        """Copy the other streams' packets up to ``until_s`` seconds into the video (all of them
+        once the input is exhausted or ``until_s`` is None)."""
         while self.packets:
             packet = self.packets[0]
-            ts = packet.dts if packet.dts is not None else packet.pts
-            if until_s is not None and ts is not None and float(ts * packet.time_base) > until_s:
+            if packet is None:  # the reader reached the end: nothing left to wait for
+                self.packets.popleft()
+                self.input_done = True
+                continue
+            offset = packet_offset_s(packet)
+            if until_s is not None and not self.input_done and offset is not None and offset > until_s:
                 return
             self.writer.copy(self.packets.popleft())

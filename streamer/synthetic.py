@@ -113,7 +113,8 @@ def make_clip(path: str | Path, *, frames: int = 12, width: int = 320, height: i
               motion: str = "slow", face_px: float = 90.0, noise: float = 0.0, blur: float = 0.0,
               jpeg: int | None = None, jitter_px: float = 0.0, occluder: bool = False, cut_at: int | None = None,
               audio: bool = True, rotation: int = 0, pix_fmt: str | None = None, codec: str = "libx264",
-              crf: int = 0, vfr: bool = False, subtitles: bool = False, seed: int = 0) -> Clip:
+              crf: int = 0, vfr: bool = False, subtitles: bool = False, audio_extra_s: float = 0.0,
+              seed: int = 0) -> Clip:
     """Write a clip and its ``--faces`` file (``<path>.faces.jsonl``); return its ground truth.
 
     ``face_px`` is the eye-to-mouth height scale: the face is sized so the distance between
@@ -160,7 +161,7 @@ def make_clip(path: str | Path, *, frames: int = 12, width: int = 320, height: i
     if pix_fmt is None:
         pix_fmt = "yuv444p" if width % 2 or height % 2 else "yuv420p"
     audio_packets = _write_video(path, degraded, pts, time_base, Fraction(fps), codec, crf, pix_fmt, steps, rotation,
-                                 audio, subtitles)
+                                 audio, subtitles, audio_extra_s)
 
     faces_path = path.with_name(path.name + ".faces.jsonl")
     with open(faces_path, "w") as f:
@@ -173,7 +174,8 @@ def make_clip(path: str | Path, *, frames: int = 12, width: int = 320, height: i
 
 
 def _write_video(path: Path, frames: list[np.ndarray], pts: list[int], time_base: Fraction, rate: Fraction,
-                 codec: str, crf: int, pix_fmt: str, steps: int, rotation: int, audio: bool, subtitles: bool) -> int:
+                 codec: str, crf: int, pix_fmt: str, steps: int, rotation: int, audio: bool, subtitles: bool,
+                 audio_extra_s: float = 0.0) -> int:
     coded = [np.ascontiguousarray(np.rot90(f, -steps)) for f in frames] if steps else frames
     h, w = coded[0].shape[:2]
     with av.open(str(path), "w") as out:
@@ -187,7 +189,7 @@ def _write_video(path: Path, frames: list[np.ndarray], pts: list[int], time_base
         if audio:
             a = out.add_stream("aac", rate=48000)
             a.layout = "mono"
-        duration_s = (pts[-1] + 512) * float(time_base)
+        duration_s = (pts[-1] + 512) * float(time_base) + audio_extra_s
         n_audio = 0
         if subtitles:  # copied from a tiny .srt, the way the pipeline copies streams
             srt = path.with_name(path.name + ".srt")

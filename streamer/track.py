@@ -143,12 +143,15 @@ class FaceTracker:
                 moved = propagate_by_flow(self._prev_gray, gray, track.raw)
                 if moved is not None:
                     carried[track.id] = moved
-        self._prev_gray = gray
+        # A copy: the frame's planes are pasted into later, by another thread.
+        self._prev_gray = None if gray is None else gray.copy()
 
-        if detections is None:  # not a detector frame: carry every track
+        if detections is None:  # not a detector frame: show the tracks the flow could carry
+            visible = []
             for track in self._tracks:
-                track.raw = carried.get(track.id, track.raw)
-            visible = list(self._tracks)
+                if track.id in carried:
+                    track.raw = carried[track.id]
+                    visible.append(track)
         else:
             visible = self._assign(detections, carried)
         return [self._show(track, t) for track in visible]

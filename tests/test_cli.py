@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from streamer.synthetic import make_clip
 
 CLI = [sys.executable, "-m", "streamer"]
@@ -51,7 +53,16 @@ def test_invalid_settings_are_usage_errors(tmp_path):
     assert result.returncode == 2 and "worker.batch" in result.stderr
 
 
-def test_sigterm_cancels_and_leaves_no_output(tmp_path):
+def test_an_encoder_option_ffmpeg_rejects_is_one_clear_line(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", frames=3)
+    result = _run("restore", str(clip.path), "-o", str(tmp_path / "out.mp4"), "--model", "identity", "--faces",
+                  str(clip.faces_path), "--preset", "warp-speed", "--quiet")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_cancel_and_leave_no_output(tmp_path, sig):
     clip = make_clip(tmp_path / "in.mp4", frames=400)
     out = tmp_path / "out.mp4"
     proc = subprocess.Popen([*CLI, "restore", str(clip.path), "-o", str(out), "--model", "identity", "--faces",
@@ -59,7 +70,7 @@ def test_sigterm_cancels_and_leaves_no_output(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # the first progress line: work is under way
     assert json.loads(line)["event"] == "progress"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert json.loads(rest.splitlines()[-1])["event"] == "cancelled"

@@ -278,3 +278,40 @@ def test_an_existing_output_is_replaced_atomically(tmp_path, clip, settings, wor
     _restore(clip, out, settings, worker_settings, model="identity")
     assert out.stat().st_size > 1000 and _no_leftovers(tmp_path)
     assert shutil.which("ffprobe") and _ffprobe(out, "stream=codec_name")["streams"][0]["codec_name"] == "h264"
+
+
+def test_audio_that_outlasts_the_video_is_not_mistaken_for_truncation(tmp_path, settings, worker_settings):
+    clip = make_clip(tmp_path / "in.mkv", frames=12, audio_extra_s=3.0)
+    out = tmp_path / "out.mkv"
+    _restore(clip, out, settings, worker_settings, model="identity")
+    assert len(read_frames(out)[0]) == 12 and read_packets(out, "audio") == read_packets(clip.path, "audio")
+
+
+def test_file_names_with_colons_are_files_not_protocols(tmp_path, settings, worker_settings):
+    clip = make_clip(tmp_path / "take:1.mp4", frames=3)
+    out = tmp_path / "take:1 restored.mp4"
+    _restore(clip, out, settings, worker_settings, model="identity")
+    assert len(read_frames(out)[0]) == 3
+
+
+def test_cover_art_is_not_a_video_stream(tmp_path, settings, worker_settings):
+    song, cover, tagged = tmp_path / "song.m4a", tmp_path / "cover.png", tmp_path / "tagged.m4a"
+    cv2.imwrite(str(cover), np.zeros((32, 32, 3), np.uint8))
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac", str(song)],
+                   check=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(song), "-i", str(cover), "-map", "0", "-map", "1", "-c", "copy",
+                    "-disposition:v", "attached_pic", str(tagged)], check=True)
+    _assert_fails_cleanly(tmp_path, MediaError, "no video stream", lambda: restore_file(
+        tagged, tmp_path / "out.mp4", settings(model="identity"), worker_settings()))
+
+
+def test_outputs_get_ordinary_permissions(tmp_path, clip, settings, worker_settings):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "out.mp4"
+        _restore(clip, out, settings, worker_settings, model="identity")
+        assert out.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)

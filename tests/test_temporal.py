@@ -78,9 +78,12 @@ def test_reset_and_frame_gaps_start_afresh():
     assert np.array_equal(blender.blend(("p", "j", 1), 9, affine, noisy, noisy), noisy)  # 8 frames later
 
 
-def test_tracks_are_kept_apart_and_dropped_by_prefix_or_age():
-    blender = TemporalBlender(0.85, 0.03, max_tracks=3)
+def test_tracks_are_kept_apart_and_dropped_by_prefix_or_by_memory_use():
     affine, clean = _crop()
+    one = TemporalBlender(0.85, 0.03)
+    one.blend(("x",), 0, affine, clean, clean)
+    per_track = one._bytes
+    blender = TemporalBlender(0.85, 0.03, max_bytes=3 * per_track)
     for track in range(2):
         blender.blend(("peer", "job-a", track), 0, affine, clean, clean)
     blender.blend(("peer", "job-b", 0), 0, affine, clean, clean)

@@ -84,3 +84,19 @@ def test_scene_cuts_are_found_and_motion_is_not_a_cut():
     assert not cuts(image)
     assert not cuts(np.roll(image, 6, axis=1))  # a pan
     assert cuts(255 - image)  # a different shot
+
+
+def test_between_detections_only_faces_the_flow_could_carry_are_shown():
+    image = astronaut().mean(axis=2).astype(np.uint8)
+    tracker = FaceTracker(smooth=False)
+    tracker.update(0, [_face()], image)
+    flat = np.full_like(image, 128)  # nothing to track: the face is not shown at a stale place
+    assert tracker.update(0.04, None, flat) == []
+
+
+def test_the_tracker_keeps_its_own_copy_of_the_previous_frame():
+    image = astronaut().mean(axis=2).astype(np.uint8)
+    tracker = FaceTracker(smooth=False)
+    tracker.update(0, [_face()], image)
+    image[:] = 0  # the frame's planes are written to later by the compositor
+    assert tracker._prev_gray.max() > 0

@@ -56,8 +56,13 @@ def test_download_verifies_and_renames_into_place(tmp_path, http_files):
     payload = os.urandom(3 * 1024 * 1024 + 17)
     files["/m.pth"] = payload
     w = _file("m", payload, (f"{base}/m.pth",))
-    path = store.download(w, tmp_path, progress=False)
+    umask = os.umask(0o022)
+    try:
+        path = store.download(w, tmp_path, progress=False)
+    finally:
+        os.umask(umask)
     assert path == tmp_path / "m.pth" and path.read_bytes() == payload
+    assert path.stat().st_mode & 0o777 == 0o644  # a shared cache stays readable
     assert store.verify(w, tmp_path) == (path, "verified")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "m.pth.sha256"]  # no temp files left
 
@@ -114,9 +119,29 @@ def test_a_corrupted_cached_file_fails_verification(tmp_path, http_files):
     assert store.download(w, tmp_path, progress=False).read_bytes() == payload
 
 
-def test_unpinned_files_are_checked_against_the_digest_recorded_at_download(tmp_path, http_files):
+def test_an_error_page_is_not_accepted_as_an_unpinned_file(tmp_path, http_files):
     base, files, _ = http_files
-    payload = b"modelscope" * 500
+    files["/m.pth"] = b"<html><body>rate limited</body></html>"
+    with pytest.raises(store.WeightsError, match="did not send a PyTorch weights file"):
+        store.download(_file("m", b"", (f"{base}/m.pth",), pinned=False), tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _torch_file(obj) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_unpinned_files_are_checked_against_the_digest_recorded_at_download(tmp_path, http_files):
+    import torch
+
+    base, files, _ = http_files
+    payload = _torch_file({"w": torch.arange(10.0)})
     files["/m.pth"] = payload
     w = _file("m", payload, (f"{base}/m.pth",), pinned=False)
     path = store.download(w, tmp_path, progress=False)

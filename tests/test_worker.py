@@ -15,6 +15,7 @@ import zmq
 from streamer.dispatch import CropTask, DispatchError, Dispatcher, FrameTask, WorkerLink
 from workers import metrics, wire
 from workers.restorers import IdentityRestorer
+from workers.temporal import TemporalBlender
 from workers.worker import Worker
 
 SIZE = 16
@@ -34,6 +35,7 @@ class RecordingRestorer(IdentityRestorer):
 
 
 def _start_thread_worker(restorer, **kw):
+    kw = {"batch": 4, "batch_wait_ms": 20, "blender": TemporalBlender(0.85, 0.03)} | kw
     worker = Worker({"identity": restorer}, context=zmq.Context.instance(), **kw)
     endpoint = worker.bind(f"inproc://test-{uuid.uuid4().hex}")
     thread = threading.Thread(target=worker.serve, daemon=True)
@@ -242,3 +244,70 @@ def test_no_worker_left_is_an_error(tmp_path):
     with pytest.raises(DispatchError, match="no worker left"):
         _run(d, [FrameTask(0, None, crops=[CropTask(0, 0, 0, np.eye(2, 3), np.zeros((512, 512, 3), np.uint8))])])
     d.close()
+
+
+def test_the_end_of_a_track_reaches_the_worker_after_the_tracks_last_crop():
+    order = []
+
+    class Spy(Worker):
+        def _handle(self, peer, header, pixels):
+            order.append((header.kind, getattr(header, "track", None), getattr(header, "frame", None)))
+            super()._handle(peer, header, pixels)
+
+    worker = Spy({"identity": RecordingRestorer()}, batch=1, batch_wait_ms=1, credits=1,
+                 blender=TemporalBlender(0.85, 0.03), context=zmq.Context.instance())
+    endpoint = worker.bind(f"inproc://test-{uuid.uuid4().hex}")
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    d = _dispatcher([endpoint])
+    tasks = _frames(3, tracks=[7]) + [FrameTask(3, None, ended_tracks=[7])]  # gone on frame 3
+    _run(d, tasks)  # with one credit, crops of frames 1 and 2 are still queued when frame 3 is submitted
+    deadline = time.monotonic() + 5
+    while not any(k == "end_track" for k, _, _ in order) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the worker thread handles it just after the last result went out
+    seen = [(k, t, f) for k, t, f in order if k in ("crop", "end_track")]
+    assert [k for k, _, _ in seen] == ["crop", "crop", "crop", "end_track"]
+    d.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_a_decoder_cannot_send_more_crops_than_it_was_granted():
+    worker, thread, endpoint = _start_thread_worker(RecordingRestorer(), batch=1, batch_wait_ms=500, credits=2)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    dealer.send_multipart(wire.encode(wire.Hello(job="j")))
+    crop = np.zeros((SIZE, SIZE, 3), np.uint8)
+    for frame in range(3):  # ignores the 2 credits it was given
+        header = wire.Crop(job="j", frame=frame, track=0, face=0, model="identity", size=SIZE, shape=(SIZE, SIZE, 3),
+                           affine=((1, 0, 0), (0, 1, 0)), temporal="off")
+        dealer.send_multipart(wire.encode(header, crop))
+    replies = []
+    while len(replies) < 4 and dealer.poll(5000):
+        header, _ = wire.decode(dealer.recv_multipart())
+        if header.kind in ("result", "error"):
+            replies.append(header)
+        elif header.credits:
+            replies.append(header)
+    errors = [r for r in replies if r.kind == "error"]
+    assert len(errors) == 1 and "credits" in errors[0].reason and errors[0].frame == 2
+    dealer.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_restore_can_use_a_worker_started_on_its_own(tmp_path, settings, worker_settings):
+    from streamer.pipeline import restore_file
+    from streamer.synthetic import make_clip, read_frames
+
+    endpoint = f"ipc://{tmp_path}/remote.sock"
+    proc = _spawn_worker(endpoint)
+    try:
+        clip = make_clip(tmp_path / "in.mp4", frames=4)
+        result = restore_file(clip.path, tmp_path / "out.mp4", settings(model="identity", connect=[endpoint]),
+                              worker_settings(), faces_file=clip.faces_path)
+        assert result.faces == 4 and len(read_frames(tmp_path / "out.mp4")[0]) == 4
+        assert proc.poll() is None  # the worker serves on after the job
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -81,6 +81,8 @@ def start_local_workers(model: str, weights: Path | None, settings: WorkerSettin
 def _start_thread(model: str, weights: Path | None, settings: WorkerSettings, device: str,
                   context: zmq.Context) -> LocalWorker:
     dev = resolve_device(device)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)  # process-wide: the worker thread shares the process
     restorer = build_restorer(model, device=dev, dtype=resolve_dtype(settings.dtype, dev), weights=weights)
     worker = Worker({model: restorer}, batch=settings.batch, batch_wait_ms=settings.batch_wait_ms,
                     credits=settings.credits, device=str(dev), context=context,
@@ -93,7 +95,10 @@ def _start_thread(model: str, weights: Path | None, settings: WorkerSettings, de
         worker.stop_event.set()
         thread.join(timeout=30)
 
-    return LocalWorker(endpoint, thread.is_alive, lambda: "", stop)
+    def describe() -> str:
+        return f": {type(worker.error).__name__}: {worker.error}" if worker.error is not None else ""
+
+    return LocalWorker(endpoint, thread.is_alive, describe, stop)
 
 
 def _start_process(model: str, weights: Path | None, settings: WorkerSettings, device: str, endpoint: str,

@@ -11,16 +11,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpen.checkpoint import RELEASED_CONFIGS
+
 log = logging.getLogger(__name__)
 
 IDENTITY = "identity"
 IDENTITY_SIZE = 512  # the default model's crop size, so identity runs test the same geometry
-GPEN_SIZES = {"GPEN-BFR-256": 256, "GPEN-BFR-512": 512, "GPEN-BFR-1024": 1024, "GPEN-BFR-2048": 2048}
+GPEN_SIZES = {name: cfg.size for name, cfg in RELEASED_CONFIGS.items()}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ModelUnavailable(RuntimeError):
     """The model cannot be served here (unknown name, missing or bad weights)."""
+
+
+def _unknown(model: str) -> ModelUnavailable:
+    return ModelUnavailable(f"unknown model '{model}'; use one of {', '.join([*GPEN_SIZES, IDENTITY])}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -46,23 +52,10 @@ def crop_size(model: str, weights: str | Path | None = None) -> int:
     if weights is not None:
         from gpen.checkpoint import infer_config, read_state_dict
 
-        return infer_config(read_state_dict(_mmap_load(Path(weights)))).size
+        return infer_config(read_state_dict(weights, mmap=True)).size
     if model in GPEN_SIZES:
         return GPEN_SIZES[model]
-    raise ModelUnavailable(f"unknown model '{model}'; use one of {', '.join([*GPEN_SIZES, IDENTITY])}")
-
-
-def _mmap_load(path: Path):
-    """Read a checkpoint's tensors lazily (only shapes are needed to size crops)."""
-    from gpen.checkpoint import CheckpointError
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # old (non-zip) formats cannot be memory-mapped; read them normally
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__})") from None
+    raise _unknown(model)
 
 
 @dataclass
@@ -124,13 +117,11 @@ def build_restorer(model: str, *, device: torch.device, dtype: torch.dtype,
     """The restorer for ``model``; GPEN weights come from ``weights`` or the weight cache."""
     if model == IDENTITY:
         return IdentityRestorer(IDENTITY, IDENTITY_SIZE)
-    if weights is None:
-        if model not in GPEN_SIZES:
-            raise ModelUnavailable(f"unknown model '{model}'; use one of {', '.join([*GPEN_SIZES, IDENTITY])}")
-        from gpen.weights import WeightsError, ensure
+    if weights is None and model not in GPEN_SIZES:
+        raise _unknown(model)
+    from gpen.weights import WeightsError, locate
 
-        try:
-            weights = ensure(model, allow_download=allow_download)
-        except WeightsError as exc:
-            raise ModelUnavailable(str(exc)) from None
-    return GPENRestorer(model, Path(weights), device, dtype)
+    try:
+        return GPENRestorer(model, locate(model, weights, allow_download=allow_download), device, dtype)
+    except WeightsError as exc:
+        raise ModelUnavailable(str(exc)) from None

@@ -18,7 +18,8 @@ previous *output* crop and blend it into the new one, in aligned space:
    new face wins, so moving parts do not leave ghosts.
 
 A track's state is dropped on ``reset`` (scene cut, new worker), when frames were skipped, on
-``end_track``/``bye``, or when the least recently used tracks exceed ``max_tracks``.
+``end_track``/``bye``, or, least recently used first, when all states together exceed
+``max_bytes``. States are kept in float16 (ample for 0..255 images).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ STATE_INTERP = cv2.INTER_CUBIC  # the recursive state is resampled every frame: 
 class _TrackState:
     frame: int
     affine: np.ndarray  # 3x3, frame -> crop
-    output: np.ndarray  # S x S x 3 float32
+    output: np.ndarray  # S x S x 3 float16
     lowpass: np.ndarray  # LOWPASS_SIZE^2 x 3 float32, the input's thumbnail
 
 
@@ -56,11 +57,12 @@ def _thumbnail(crop: np.ndarray) -> np.ndarray:
 
 
 class TemporalBlender:
-    def __init__(self, blend_max: float = 0.75, blend_sigma: float = 0.06, max_tracks: int = 512):
+    def __init__(self, blend_max: float, blend_sigma: float, max_bytes: int = 1 << 30):
         self.blend_max = blend_max
         self.blend_sigma = blend_sigma
-        self.max_tracks = max_tracks
+        self.max_bytes = max_bytes
         self._tracks: OrderedDict[tuple, _TrackState] = OrderedDict()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._tracks)
@@ -68,7 +70,11 @@ class TemporalBlender:
     def drop(self, key_prefix: tuple) -> None:
         """Forget every track whose key starts with ``key_prefix``."""
         for key in [k for k in self._tracks if k[:len(key_prefix)] == key_prefix]:
-            del self._tracks[key]
+            self._forget(key)
+
+    def _forget(self, key: tuple) -> None:
+        state = self._tracks.pop(key)
+        self._bytes -= state.output.nbytes + state.lowpass.nbytes
 
     def blend(self, key: tuple, frame: int, affine, input_crop: np.ndarray, restored: np.ndarray,
               *, reset: bool = False) -> np.ndarray:
@@ -81,10 +87,13 @@ class TemporalBlender:
         out = restored.astype(np.float32)
         if prev is not None and self.blend_max > 0:
             out = self._blend_with(prev, a_cur, lowpass, out)
-        self._tracks[key] = _TrackState(frame, a_cur, out, lowpass)
-        self._tracks.move_to_end(key)
-        while len(self._tracks) > self.max_tracks:
-            self._tracks.popitem(last=False)
+        if key in self._tracks:
+            self._forget(key)
+        state = _TrackState(frame, a_cur, out.astype(np.float16), lowpass)
+        self._tracks[key] = state
+        self._bytes += state.output.nbytes + state.lowpass.nbytes
+        while self._bytes > self.max_bytes and len(self._tracks) > 1:
+            self._forget(next(iter(self._tracks)))  # least recently used
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
     def _blend_with(self, prev: _TrackState, a_cur: np.ndarray, lowpass: np.ndarray,
@@ -102,7 +111,8 @@ class TemporalBlender:
         weight = self.blend_max * np.exp(-np.square(change / self.blend_sigma))
         weight = cv2.resize(weight, (size, size), interpolation=cv2.INTER_LINEAR)[:, :, None]
         full = np.linalg.inv(scale) @ warp @ scale
-        prev_out = cv2.warpAffine(prev.output, full[:2], (size, size), flags=STATE_INTERP | cv2.WARP_INVERSE_MAP,
+        prev_out = cv2.warpAffine(prev.output.astype(np.float32), full[:2], (size, size),
+                                  flags=STATE_INTERP | cv2.WARP_INVERSE_MAP,
                                   borderMode=cv2.BORDER_REPLICATE)
         return restored + weight * (prev_out - restored)
 

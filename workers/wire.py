@@ -18,7 +18,6 @@ Flow (decoder = DEALER, worker = ROUTER):
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Annotated, Literal, Union
 
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 PROTOCOL_VERSION = 1
 MAX_CROP_SIZE = 2048
+MAX_MESSAGE_BYTES = MAX_CROP_SIZE * MAX_CROP_SIZE * 3 + 65536  # larger message parts are refused unread
 TEMPORAL_MODES = ("off", "landmarks", "full")
 
 
@@ -95,7 +95,6 @@ class Error(_Message):
     face: int
     reason: str
     worker: str = ""
-    fatal: bool = False  # the worker cannot go on (e.g. model failed to load)
 
 
 class EndTrack(_Message):
@@ -149,8 +148,3 @@ def decode(frames: list) -> tuple[BaseModel, np.ndarray | None]:
     if len(memoryview(buffer).cast("B")) != h * w * c:
         raise WireError(f"pixel frame has {len(memoryview(buffer).cast('B'))} bytes, expected {h * w * c}")
     return header, np.frombuffer(buffer, dtype=np.uint8).reshape(h, w, c)
-
-
-def dumps(header: BaseModel) -> str:
-    """The header as JSON text (for logs and tests)."""
-    return json.dumps(header.model_dump(mode="json"))

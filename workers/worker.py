@@ -39,24 +39,28 @@ class _Pending:
 
 
 class Worker:
-    def __init__(self, restorers: dict[str, Restorer], *, batch: int = 4, batch_wait_ms: float = 20,
-                 credits: int = 0, device: str = "cpu", blender: TemporalBlender | None = None,
-                 context: zmq.Context | None = None, worker_id: str | None = None):
+    def __init__(self, restorers: dict[str, Restorer], *, batch: int, batch_wait_ms: float, blender: TemporalBlender,
+                 credits: int = 0, device: str = "cpu", context: zmq.Context | None = None,
+                 worker_id: str | None = None):
         self.restorers = restorers
         self.batch = batch
         self.batch_wait = batch_wait_ms / 1000
         self.window = credits or 2 * batch
         self.device = device
-        self.blender = blender if blender is not None else TemporalBlender()  # an empty blender is falsy
+        self.blender = blender
         self.id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
         self.endpoint: str | None = None
         self.stop_event = threading.Event()
         self._pending: dict[str, deque[_Pending]] = {name: deque() for name in restorers}
         self._peers: dict[bytes, float] = {}
+        self._in_flight: dict[bytes, int] = {}  # crops held per decoder, at most the credits granted
+        self._ending: set[tuple] = set()  # tracks to forget once their queued crops are done
         self._last_heartbeat = 0.0
+        self.error: BaseException | None = None  # why serve() stopped, if it failed
 
     def bind(self, endpoint: str) -> str:
         """Bind and return the actual endpoint (tcp://host:0 picks a free port)."""
@@ -71,24 +75,31 @@ class Worker:
         poller.register(self.socket, zmq.POLLIN)
         log.info("worker %s serving %s on %s (%s)", self.id, ", ".join(self.restorers), self.endpoint, self.device)
         try:
-            while not self.stop_event.is_set():
-                if poller.poll(self._poll_timeout_ms()):
-                    self._drain()
-                self._run_ready_batches(flush=False)
-                self._heartbeat()
-            log.info("worker %s draining", self.id)
-            give_up = time.monotonic() + DRAIN_MAX_S
-            quiet_until = time.monotonic() + DRAIN_QUIET_S
-            while time.monotonic() < min(quiet_until, give_up):
-                if poller.poll(50 if self._peers else 0):
-                    self._drain()
-                    quiet_until = time.monotonic() + DRAIN_QUIET_S
-                self._run_ready_batches(flush=True)
-                if not self._peers:  # every decoder said bye: nothing more can be on its way
-                    break
+            self._serve(poller)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("worker %s failed", self.id)
+            raise
         finally:
             self.socket.close()
             log.info("worker %s stopped", self.id)
+
+    def _serve(self, poller: zmq.Poller) -> None:
+        while not self.stop_event.is_set():
+            if poller.poll(self._poll_timeout_ms()):
+                self._drain()
+            self._run_ready_batches(flush=False)
+            self._heartbeat()
+        log.info("worker %s draining", self.id)
+        give_up = time.monotonic() + DRAIN_MAX_S
+        quiet_until = time.monotonic() + DRAIN_QUIET_S
+        while time.monotonic() < min(quiet_until, give_up):
+            if poller.poll(50 if self._peers else 0):
+                self._drain()
+                quiet_until = time.monotonic() + DRAIN_QUIET_S
+            self._run_ready_batches(flush=True)
+            if not self._peers:  # every decoder said bye: nothing more can be on its way
+                break
 
     # ------------------------------------------------------------------ receive
 
@@ -118,17 +129,28 @@ class Worker:
             self._peers[peer] = time.monotonic()
             self._send(peer, self._credit(self.window))
         elif isinstance(header, wire.Crop):
+            reason = None
             if header.model not in self.restorers or self.restorers[header.model].size != header.size:
+                reason = (f"model {header.model} at {header.size}px is not served here "
+                          f"(serving {', '.join(self.restorers)})")
+            elif self._in_flight.get(peer, 0) >= self.window:
+                reason = f"more crops than the {self.window} credits granted"
+            if reason is not None:
                 self._send(peer, wire.Error(job=header.job, frame=header.frame, track=header.track, face=header.face,
-                                            reason=f"model {header.model} at {header.size}px is not served here "
-                                                   f"(serving {', '.join(self.restorers)})", worker=self.id))
+                                            reason=reason, worker=self.id))
                 return
+            self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
             self._pending[header.model].append(_Pending(peer, header, pixels, time.monotonic()))
         elif isinstance(header, wire.EndTrack):
-            self.blender.drop((peer, header.job, header.track))
+            key = (peer, header.job, header.track)
+            if any(key == (p.peer, p.crop.job, p.crop.track) for q in self._pending.values() for p in q):
+                self._ending.add(key)  # crops of the track still queued: forget it after them
+            else:
+                self.blender.drop(key)
         elif isinstance(header, wire.Bye):
             self.blender.drop((peer, header.job))
             self._peers.pop(peer, None)
+            self._in_flight.pop(peer, None)
         else:
             metrics.WIRE_INVALID.labels(side="worker").inc()
             log.warning("unexpected %s message from %s", header.kind, peer.hex())
@@ -177,15 +199,28 @@ class Worker:
         for p, out in zip(items, restored):
             c = p.crop
             key = (p.peer, c.job, c.track)
-            if c.temporal == "full":
-                out = self.blender.blend(key, c.frame, c.affine, p.pixels, out, reset=c.reset)
-            else:
-                self.blender.drop(key)
+            try:
+                if c.temporal == "full":
+                    out = self.blender.blend(key, c.frame, c.affine, p.pixels, out, reset=c.reset)
+                else:
+                    self.blender.drop(key)
+            except Exception as exc:  # one crop's blending must not take the worker down
+                log.exception("temporal blending failed for frame %d track %d", c.frame, c.track)
+                self._send_error(p, f"temporal blending failed: {type(exc).__name__}: {exc}")
+                continue
             result = wire.Result(job=c.job, frame=c.frame, track=c.track, face=c.face, model=c.model,
                                  size=c.size, shape=c.shape, worker=self.id)
-            self._send(p.peer, result, out)
+            self._reply(p, result, out)
+        for key in [k for k in self._ending if not any(
+                k == (p.peer, p.crop.job, p.crop.track) for q in self._pending.values() for p in q)]:
+            self._ending.discard(key)
+            self.blender.drop(key)
+
+    def _reply(self, p: _Pending, header, pixels: np.ndarray | None = None) -> None:
+        self._in_flight[p.peer] = max(0, self._in_flight.get(p.peer, 0) - 1)
+        self._send(p.peer, header, pixels)
 
     def _send_error(self, p: _Pending, reason: str) -> None:
         c = p.crop
-        self._send(p.peer, wire.Error(job=c.job, frame=c.frame, track=c.track, face=c.face, reason=reason,
-                                      worker=self.id))
+        self._reply(p, wire.Error(job=c.job, frame=c.frame, track=c.track, face=c.face, reason=reason,
+                                  worker=self.id))
