@@ -15,7 +15,9 @@ reports, from one run of each mode on the same input:
   time  end-to-end wall time of the restore
 
 and, for the cut clip, the largest difference between the first frame after the cut and the
-same frame restored from a clip that starts at the cut (0 = nothing carried over).
+same frame restored from a clip that starts at the cut (0 = nothing carried over). Both runs
+use batch 1: how crops are batched moves GPEN's output by a rounding step, which would hide
+the comparison.
 
     python bench/temporal.py                  # all clips, identity and GPEN-BFR-256
     python bench/temporal.py --models identity --frames 24
@@ -49,12 +51,14 @@ CLIPS = {
 DEGRADE = dict(noise=6.0, blur=0.8, jpeg=45, jitter_px=1.5)
 
 
-def run(clip, out: Path, model: str, weights: Path | None, temporal: str):
+def run(clip, out: Path, model: str, weights: Path | None, temporal: str, faces: Path | None = None,
+        batch: int | None = None):
     settings = load_settings(RestoreSettings, overrides={"model": model, "weights": weights, "temporal": temporal,
                                                          "crf": 0})
-    worker = load_settings(WorkerSettings)
+    worker = load_settings(WorkerSettings, overrides={"batch": batch})
     started = time.perf_counter()
-    restore_file(clip.path, out, settings, worker, faces_file=clip.faces_path)
+    restore_file(clip.path if faces is None else clip, out, settings, worker,
+                 faces_file=clip.faces_path if faces is None else faces)
     elapsed = time.perf_counter() - started
     frames, *_ = read_frames(out)
     return frames, elapsed
@@ -97,14 +101,15 @@ def main() -> None:
                                  elapsed, frames, temporal_error(frames, reference, clip, skip))
             note = ""
             if cut:
-                note = _carry_over(clip, cut, results[args.modes[1]][3], tmp, model, weights.get(model))
+                note = _carry_over(clip, cut, args.modes[1], tmp, model, weights.get(model))
             (te0, p0, t0, _, r0), (te1, p1, t1, _, r1) = results[args.modes[0]], results[args.modes[1]]
             print(f"{name:<10}{model:<14}{te0:>8.2f}{te1:>9.2f}{te1 / te0:>7.2f}{r0:>9.2f}{r1:>9.2f}{r1 / r0:>7.2f}"
                   f"{p0:>10.2f}{p1:>10.2f}{p1 - p0:>+7.2f}{t0:>7.1f}{t1:>7.1f}{t1 / t0:>8.2f}  {note}", flush=True)
 
 
-def _carry_over(clip, cut: int, full_frames, tmp: Path, model: str, weights) -> str:
-    """Restore only the frames from the cut on, and compare the cut frame with the full run's."""
+def _carry_over(clip, cut: int, mode: str, tmp: Path, model: str, weights) -> str:
+    """Restore the whole clip and only the frames from the cut on; compare the cut frame."""
+    whole, _ = run(clip, tmp / "whole-b1.mp4", model, weights, mode, batch=1)
     trimmed = tmp / "from-cut.mp4"
     with av.open(str(clip.path)) as src, av.open(str(trimmed), "w") as dst:
         v = src.streams.video[0]
@@ -124,11 +129,8 @@ def _carry_over(clip, cut: int, full_frames, tmp: Path, model: str, weights) -> 
             if rec["frame"] >= cut:
                 rec["frame"] -= cut
                 g.write(json.dumps(rec) + "\n")
-    settings = load_settings(RestoreSettings, overrides={"model": model, "weights": weights, "temporal": "full",
-                                                         "crf": 0})
-    restore_file(trimmed, tmp / "from-cut-out.mp4", settings, load_settings(WorkerSettings), faces_file=faces)
-    fresh, *_ = read_frames(tmp / "from-cut-out.mp4")
-    diff = int(np.abs(fresh[0].astype(int) - full_frames[cut].astype(int)).max())
+    fresh, _ = run(trimmed, tmp / "from-cut-out.mp4", model, weights, mode, faces=faces, batch=1)
+    diff = int(np.abs(fresh[0].astype(int) - whole[cut].astype(int)).max())
     return f"first frame after cut vs fresh start: max|diff| {diff}"
 
 
