@@ -212,12 +212,18 @@ def test_when_a_worker_process_dies_its_crops_are_redone_elsewhere(tmp_path):
         p.wait(10)
 
 
-def test_a_worker_process_finishes_its_crops_on_sigterm(tmp_path):
+def _one_process_worker(tmp_path):
+    """A real `gpen-stream worker` process and a dispatcher that has heard from it."""
     endpoint = f"ipc://{tmp_path}/w.sock"
     proc = _spawn_worker(endpoint)
     link = WorkerLink(zmq.Context.instance(), endpoint, is_alive=lambda: proc.poll() is None)
-    d = Dispatcher([link], job="job-t", model="identity", size=512, temporal="off", timeout_s=30)
+    d = Dispatcher([link], job="job-1", model="identity", size=512, temporal="off", timeout_s=30)
     _wait_ready(d, [proc])
+    return proc, d
+
+
+def test_a_worker_process_finishes_its_crops_on_sigterm(tmp_path):
+    proc, d = _one_process_worker(tmp_path)
     rng = np.random.default_rng(1)
     for f in range(3):
         task = FrameTask(f, item=None, crops=[CropTask(f, 0, 0, np.eye(2, 3), rng.integers(0, 255, (512, 512, 3), np.uint8))])
@@ -234,11 +240,7 @@ def test_a_worker_process_finishes_its_crops_on_sigterm(tmp_path):
 
 
 def test_no_worker_left_is_an_error(tmp_path):
-    endpoint = f"ipc://{tmp_path}/w.sock"
-    proc = _spawn_worker(endpoint)
-    link = WorkerLink(zmq.Context.instance(), endpoint, is_alive=lambda: proc.poll() is None)
-    d = Dispatcher([link], job="job-n", model="identity", size=512, temporal="off", timeout_s=30)
-    _wait_ready(d, [proc])
+    proc, d = _one_process_worker(tmp_path)
     proc.kill()
     proc.wait()
     with pytest.raises(DispatchError, match="no worker left"):
