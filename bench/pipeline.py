@@ -20,7 +20,6 @@ import argparse
 import logging
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av

@@ -212,7 +212,7 @@ def _fetch(url: str, w: WeightFile, dest: Path, *, progress: bool, timeout: floa
             raise WeightsError(f"SHA-256 {digest} does not match the expected {w.sha256}")
         if w.sha256 is None:
             _check_loadable(tmp, url)  # nothing to compare with: at least refuse an error page
-        _publish(tmp, dest)
+        publish(tmp, dest)
         _write_sidecar(dest, digest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -228,9 +228,9 @@ def _check_loadable(path: Path, url: str) -> None:
         raise WeightsError(f"{url} did not send a PyTorch weights file (it starts with {head!r})") from None
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Rename into place with ordinary permissions (mkstemp makes files private), so a shared
-    cache stays readable by everyone who may read it."""
+def publish(tmp: Path, dest: Path) -> None:
+    """Rename a finished temporary file into place with the permissions a new file would have
+    had (mkstemp makes files private): outputs and a shared cache stay readable."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)

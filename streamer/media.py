@@ -25,6 +25,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from gpen.weights import publish
 from streamer.faces import display_rotation_steps
 from streamer.yuv import PLANAR_YUV
 from workers import metrics
@@ -394,15 +395,6 @@ def check_output(path: Path, input_path: Path | None = None) -> None:
         raise MediaError(f"output folder does not exist: {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise MediaError(f"output folder is not writable: {folder}")
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary file into place, with the permissions a new file would
-    have had (mkstemp makes them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, final)
 
 
 def packet_offset_s(packet: av.Packet) -> float | None:

@@ -34,8 +34,8 @@ from streamer.align import AlignmentError, alignment
 from streamer.composite import Compositor, cut_crop, prepare_face
 from streamer.dispatch import CropTask, Dispatcher, FrameTask, WorkerLink
 from streamer.faces import Face, display_transform, face_record, read_faces_file, transform_face
-from streamer.media import (DecodedFrame, MediaError, Reader, VideoInfo, Writer, check_output, luma,
-                            packet_offset_s, probe, publish)
+from gpen.weights import publish
+from streamer.media import DecodedFrame, Reader, VideoInfo, Writer, check_output, luma, packet_offset_s, probe
 from streamer.track import FaceTracker, SceneCutDetector
 from streamer.yuv import YUVLayout
 from workers import metrics
@@ -157,7 +157,6 @@ class Analyzer:
         self.to_display = display_transform(info.width, info.height, info.rotation_steps)
         self.to_coded = np.linalg.inv(self.to_display)
         self._last_detect = -10**9
-        self.faces_seen = 0
         self.detect_s = 0.0
 
     def __call__(self, item: DecodedFrame) -> FrameTask:
@@ -198,7 +197,6 @@ class Analyzer:
         if self.parser is not None and task.crops:
             for crop_task, mask in zip(task.crops, self.parser.masks([c.crop for c in task.crops])):
                 crop_task.mask = mask
-        self.faces_seen += len(task.crops)
         if self.dump_to is not None and faces:
             shown = [transform_face(f, self.to_display) for f in faces]
             self.dump_to.write(json.dumps(face_record(item.index, shown)) + "\n")

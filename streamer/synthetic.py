@@ -11,7 +11,7 @@ rotation metadata and variable frame rate.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -46,7 +46,6 @@ class Clip:
     landmarks: list[np.ndarray]  # true landmarks per frame (displayed coordinates)
     cut_at: int | None = None
     audio_packets: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def frames(self) -> int:

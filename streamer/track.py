@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -103,7 +103,6 @@ class _Track:
     raw: Face  # last observed (or flow-carried) face, unsmoothed
     smoother: OneEuroFilter | None
     missing: int = 0
-    shown: Face | None = field(default=None)
 
 
 class FaceTracker:
@@ -205,8 +204,7 @@ class FaceTracker:
         if track.smoother is not None:
             state = track.smoother(np.concatenate([lm.reshape(-1), box]), t, raw.size)
             lm, box = state[:10].reshape(5, 2), state[10:]
-        track.shown = Face(lm, box, raw.score, track.id, raw.interpolated)
-        return track.shown
+        return Face(lm, box, raw.score, track.id, raw.interpolated)
 
 
 class SceneCutDetector:

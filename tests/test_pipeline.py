@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import threading
-from fractions import Fraction
 
 import av
 import cv2

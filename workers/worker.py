@@ -56,7 +56,7 @@ class Worker:
         self.endpoint: str | None = None
         self.stop_event = threading.Event()
         self._pending: dict[str, deque[_Pending]] = {name: deque() for name in restorers}
-        self._peers: dict[bytes, float] = {}
+        self._peers: set[bytes] = set()  # decoders that said hello and not yet bye
         self._in_flight: dict[bytes, int] = {}  # crops held per decoder, at most the credits granted
         self._ending: set[tuple] = set()  # tracks to forget once their queued crops are done
         self._last_heartbeat = 0.0
@@ -126,7 +126,7 @@ class Worker:
 
     def _handle(self, peer: bytes, header, pixels) -> None:
         if isinstance(header, wire.Hello):
-            self._peers[peer] = time.monotonic()
+            self._peers.add(peer)
             self._send(peer, self._credit(self.window))
         elif isinstance(header, wire.Crop):
             reason = None
@@ -149,7 +149,7 @@ class Worker:
                 self.blender.drop(key)
         elif isinstance(header, wire.Bye):
             self.blender.drop((peer, header.job))
-            self._peers.pop(peer, None)
+            self._peers.discard(peer)
             self._in_flight.pop(peer, None)
         else:
             metrics.WIRE_INVALID.labels(side="worker").inc()
