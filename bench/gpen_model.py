@@ -1,7 +1,7 @@
 """GPEN generator speed: ours vs the official grouped-conv formulation, same weights, same run.
 
 Prints ms per face for each (model, batch, dtype) and the ratio baseline / ours, where the
-baseline is ``gpen.reference.reference_forward`` (per-sample grouped modulated convs and
+baseline is ``tests.support.reference.reference_forward`` (per-sample grouped modulated convs and
 upfirdn2d as GPEN's CPU fallback does it). Weights are deterministic, in the official layout.
 Runs alternate between the two implementations and the median is kept, so machine drift
 hits both alike.
@@ -12,6 +12,11 @@ hits both alike.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, beside bench/
+
 import argparse
 import statistics
 import time
@@ -19,7 +24,7 @@ import time
 import torch
 
 from gpen import RELEASED_CONFIGS, load_generator
-from gpen.reference import reference_forward
+from tests.support.reference import reference_forward
 from gpen.testing import deterministic_input, deterministic_state_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -16,6 +16,11 @@ speedup    ``restore`` vs a naive per-frame loop, as GPEN's/GFPGAN's/CodeFormer'
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, beside bench/
+
 import argparse
 import logging
 import tempfile
@@ -29,12 +34,12 @@ import torch
 
 from configs import RestoreSettings, WorkerSettings, load_settings
 from gpen import RELEASED_CONFIGS, load_generator
-from gpen.reference import reference_forward
+from tests.support.reference import reference_forward
 from gpen.testing import deterministic_state_dict
-from streamer.align import alignment, invert
+from streamer.faces.align import alignment, invert
 from streamer.composite import crop_mask
 from streamer.pipeline import restore_file
-from streamer.synthetic import make_clip
+from tests.support.clips import make_clip
 from workers import metrics
 
 ENCODER = {"codec": "libx264", "crf": 18, "preset": "veryfast"}
@@ -95,7 +100,7 @@ def _detector_cost(clip, args) -> None:
 
     from facexlib.detection.retinaface import RetinaFace
 
-    from streamer.detect import FaceDetector
+    from streamer.faces.detect import FaceDetector
 
     frame = next(av.open(str(clip.path)).decode(video=0)).to_ndarray(format="rgb24")
     for network, name in (("resnet50", "retinaface_resnet50"), ("mobile0.25", "retinaface_mobile0.25")):

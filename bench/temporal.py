@@ -1,6 +1,6 @@
 """Temporal stability on generated clips with ground truth: ``--temporal off`` vs ``full``.
 
-Clips (streamer.synthetic): a static face, slow motion, fast motion, a scene cut, a hand-like
+Clips (tests.support.clips): a static face, slow motion, fast motion, a scene cut, a hand-like
 occluder sweeping over the face. Every frame is degraded independently (noise, blur, JPEG) and
 the ``--faces`` landmarks carry ~1.5 px of jitter. For each clip and restorer (the identity
 restorer, where fidelity is meaningful, and GPEN-BFR-256 with deterministic weights) it
@@ -25,6 +25,11 @@ the comparison.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, beside bench/
+
 import argparse
 import json
 import tempfile
@@ -39,7 +44,7 @@ from configs import RestoreSettings, WorkerSettings, load_settings
 from gpen import RELEASED_CONFIGS
 from gpen.testing import deterministic_state_dict
 from streamer.pipeline import restore_file
-from streamer.synthetic import face_psnr, make_clip, read_frames, temporal_error
+from tests.support.clips import face_psnr, make_clip, read_frames, temporal_error
 
 CLIPS = {
     "static": dict(motion="static"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from configs.errors import InputError
 from gpen.model import FullGenerator, GPENConfig
 
 # The released checkpoints (see GPEN's run.sh and ModelScope's pipeline).
@@ -25,7 +26,7 @@ RELEASED_CONFIGS: dict[str, GPENConfig] = {
 WRAPPER_KEYS = ("g_ema",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """The file or state dict is not a GPEN generator checkpoint we can load."""
 
 

@@ -9,7 +9,7 @@ GPEN is a U-shaped network:
 
 Module and attribute names follow the official state-dict layout exactly (``ecd0.0.0.weight``,
 ``generator.convs.3.conv.modulation.bias``, ...), so the released checkpoints load with
-``strict=True``. The maths is the official one (``gpen.reference`` computes it the official
+``strict=True``. The maths is the official one (``tests.support.reference`` computes it the official
 way and the tests hold the two together); this module computes it in a cheaper order:
 
 - a modulated conv scales whichever is smaller, the weights or the activations;

@@ -15,11 +15,13 @@ import hashlib
 import http.client
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from configs.atomic import AtomicFile
+from configs.errors import GpenStreamError
 
 GPEN_LICENSE = "GPEN weights: non-commercial use only (yangxy/GPEN)"
 RETINAFACE_LICENSE = "RetinaFace weights (facexlib): MIT"
@@ -65,8 +67,9 @@ CATALOG: dict[str, WeightFile] = {w.name: w for w in (
 )}
 
 
-class WeightsError(RuntimeError):
-    """A model file is missing, cannot be fetched, or is not the file it should be."""
+class WeightsError(GpenStreamError):
+    """A model file is missing, cannot be fetched, or is not the file it should be (not
+    retryable: an operator has to put the file in place)."""
 
 
 def home_dir() -> Path:
@@ -190,11 +193,9 @@ def _fetch(url: str, w: WeightFile, dest: Path, *, progress: bool, timeout: floa
     from tqdm import tqdm  # imported here: the rest of this module is used by light tools too
 
     request = urllib.request.Request(url, headers={"User-Agent": "gpen-stream"})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{w.filename}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    out = os.fdopen(fd, "wb")  # owned before anything can fail, so it is always closed
+    target = AtomicFile(dest)
     try:
-        with out, urllib.request.urlopen(request, timeout=timeout) as response:
+        with target.open("wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or w.size
             h = hashlib.sha256()
             with tqdm(total=total, unit="B", unit_scale=True, desc=w.filename, disable=not progress,
@@ -203,19 +204,17 @@ def _fetch(url: str, w: WeightFile, dest: Path, *, progress: bool, timeout: floa
                     out.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
-        size, digest = tmp.stat().st_size, h.hexdigest()
+        size, digest = target.tmp.stat().st_size, h.hexdigest()
         if w.size is not None and size != w.size:
             raise WeightsError(f"got {size} bytes, expected {w.size}")
         if w.sha256 is not None and digest != w.sha256:
             raise WeightsError(f"SHA-256 {digest} does not match the expected {w.sha256}")
         if w.sha256 is None:
-            _check_loadable(tmp, url)  # nothing to compare with: at least refuse an error page
-        publish(tmp, dest)
+            _check_loadable(target.tmp, url)  # nothing to compare with: at least refuse an error page
+        target.commit()
         _write_sidecar(dest, digest)
     finally:
-        tmp.unlink(missing_ok=True)
+        target.abort()
 
 
 def _check_loadable(path: Path, url: str) -> None:
@@ -226,15 +225,6 @@ def _check_loadable(path: Path, url: str) -> None:
     except CheckpointError:
         head = path.read_bytes()[:40]
         raise WeightsError(f"{url} did not send a PyTorch weights file (it starts with {head!r})") from None
-
-
-def publish(tmp: Path, dest: Path) -> None:
-    """Rename a finished temporary file into place with the permissions a new file would have
-    had (mkstemp makes files private): outputs and a shared cache stay readable."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, dest)
 
 
 def ensure(name: str, *, allow_download: bool = True, progress: bool = True) -> Path:

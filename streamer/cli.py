@@ -134,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
 def _restore(args) -> int:
     from gpen.checkpoint import CheckpointError
     from gpen.weights import WeightsError
-    from streamer.detect import DetectorUnavailable
+    from streamer.faces.detect import DetectorUnavailable
     from streamer.dispatch import DispatchError
-    from streamer.faces import FacesFileError
-    from streamer.media import MediaError
-    from streamer.parse import ParserUnavailable
+    from streamer.faces.faces_file import FacesFileError
+    from streamer.io.probe import MediaError
+    from streamer.faces.parse import ParserUnavailable
     from streamer.pipeline import RestoreCancelled, restore_file
     from workers.restorers import ModelUnavailable
 

@@ -1,6 +1,6 @@
 """Cutting faces out of frames and putting restored faces back.
 
-Both directions work on the frame's own planar YUV (see ``streamer.yuv``) and touch only the
+Both directions work on the frame's own planar YUV (see ``streamer.io.yuv``) and touch only the
 face's box, not the whole frame (facexlib warps the whole frame per face, ~25x slower):
 
 - ``cut_crop``: convert the frame region a crop covers to RGB and warp it to the aligned crop;
@@ -19,8 +19,8 @@ import av
 import cv2
 import numpy as np
 
-from streamer.align import invert
-from streamer.yuv import YUVLayout, plane, region_rgb
+from streamer.faces.align import invert
+from streamer.io.yuv import YUVLayout, plane, region_rgb
 
 WARP_MARGIN = 3  # source pixels beyond the crop's footprint that cubic sampling may touch
 INTERPOLATION = cv2.INTER_CUBIC  # sharper than bilinear, so a face survives cut + paste with less blur

@@ -12,12 +12,9 @@ stops every stage, deletes the partial output and is raised from ``restore_file`
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -26,18 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import zmq
 
 from configs import RestoreSettings, WorkerSettings
-from streamer.align import AlignmentError, alignment
-from streamer.composite import Compositor, cut_crop, prepare_face
-from streamer.dispatch import CropTask, Dispatcher, FrameTask, WorkerLink
-from streamer.faces import Face, display_transform, face_record, read_faces_file, transform_face
-from gpen.weights import publish
-from streamer.media import DecodedFrame, Reader, VideoInfo, Writer, check_output, luma, packet_offset_s, probe
-from streamer.track import FaceTracker, SceneCutDetector
-from streamer.yuv import YUVLayout
+from configs.atomic import AtomicText
+from streamer.analyze import Analyzer
+from streamer.composite import Compositor, prepare_face
+from streamer.dispatch import Dispatcher, FrameTask, WorkerLink
+from streamer.faces.faces_file import read_faces_file
+from streamer.io.probe import packet_offset_s, probe
+from streamer.io.sink import Writer, check_output
+from streamer.io.source import Reader
+from streamer.io.yuv import YUVLayout
 from workers import metrics
 from workers.pool import start_local_workers
 from workers.restorers import IDENTITY, crop_size
@@ -142,69 +139,8 @@ class _Stopped(Exception):
     pass
 
 
-class Analyzer:
-    """Per frame: faces (detector or faces file) -> tracks -> smoothed landmarks -> crops."""
-
-    def __init__(self, info: VideoInfo, settings: RestoreSettings, size: int, layout: YUVLayout, *,
-                 faces_by_frame: dict[int, list[Face]] | None, detector, parser=None, dump_to=None):
-        self.info, self.settings, self.size, self.layout = info, settings, size, layout
-        self.faces_by_frame, self.detector, self.parser, self.dump_to = faces_by_frame, detector, parser, dump_to
-        self.use_flow = detector is not None
-        self.tracker = FaceTracker(iou_min=settings.track_iou, max_missing=settings.track_max_missing,
-                                   fill_gaps=self.use_flow, smooth=settings.temporal != "off",
-                                   min_cutoff=settings.smooth_min_cutoff, beta=settings.smooth_beta)
-        self.cuts = SceneCutDetector(settings.scene_cut_threshold)
-        self.to_display = display_transform(info.width, info.height, info.rotation_steps)
-        self.to_coded = np.linalg.inv(self.to_display)
-        self._last_detect = -10**9
-        self.detect_s = 0.0
-
-    def __call__(self, item: DecodedFrame) -> FrameTask:
-        if item.frame.format.name != self.layout.pix_fmt:  # once, for analysis and for the encoder
-            item.frame = item.frame.reformat(format=self.layout.pix_fmt, dst_colorspace=self.layout.colorspace,
-                                             dst_color_range=self.layout.color_range)
-        frame = item.frame
-        gray = luma(frame)
-        if self.cuts(gray):
-            log.debug("scene cut at frame %d", item.index)
-            self.tracker.reset()
-            self._last_detect = -10**9
-        rgb = None
-        if self.faces_by_frame is not None:
-            detections = [transform_face(f, self.to_coded) for f in self.faces_by_frame.get(item.index, [])]
-        elif item.index - self._last_detect >= self.settings.detect_every:
-            started = time.perf_counter()
-            rgb = frame.to_ndarray(format="rgb24")
-            detections = self.detector.detect(rgb, self.info.rotation_steps)
-            self.detect_s += time.perf_counter() - started
-            self._last_detect = item.index
-        else:
-            detections = None
-        faces = self.tracker.update(item.time_s, detections, gray if self.use_flow else None)
-        faces = [f for f in faces if f.size >= self.settings.min_face]
-        if len(faces) > self.settings.max_faces:
-            faces = sorted(faces, key=lambda f: f.size, reverse=True)[:self.settings.max_faces]
-        task = FrameTask(item.index, item, ended_tracks=self.tracker.take_ended())
-        for face in faces:
-            try:
-                affine = alignment(face.landmarks, self.size)
-            except AlignmentError as exc:
-                log.warning("frame %d: skipping a face: %s", item.index, exc)
-                continue
-            crop = cut_crop(frame, self.layout, affine, self.size)
-            if crop is not None:
-                task.crops.append(CropTask(item.index, len(task.crops), face.track, affine, crop, item.pts))
-        if self.parser is not None and task.crops:
-            for crop_task, mask in zip(task.crops, self.parser.masks([c.crop for c in task.crops])):
-                crop_task.mask = mask
-        if self.dump_to is not None and faces:
-            shown = [transform_face(f, self.to_display) for f in faces]
-            self.dump_to.write(json.dumps(face_record(item.index, shown)) + "\n")
-        return task
-
-
 def _load_detector(settings: RestoreSettings, worker: WorkerSettings):
-    from streamer.detect import FaceDetector, load_retinaface
+    from streamer.faces.detect import FaceDetector, load_retinaface
     from workers.restorers import resolve_device
 
     net = load_retinaface(settings.detector, resolve_device(worker.device), weights=settings.detector_weights)
@@ -214,7 +150,7 @@ def _load_detector(settings: RestoreSettings, worker: WorkerSettings):
 def _load_parser(settings: RestoreSettings, worker: WorkerSettings):
     if settings.mask != "parse":
         return None
-    from streamer.parse import FaceParser
+    from streamer.faces.parse import FaceParser
     from workers.restorers import resolve_device
 
     return FaceParser(resolve_device(worker.device), weights=settings.parser_weights)
@@ -268,7 +204,7 @@ def restore_file(input_path: str | Path, output_path: str | Path, settings: Rest
         reader = Reader(info, strict=settings.corrupt_frames == "fail")
         writer = Writer(output_path, info, reader.copied, codec=settings.codec, crf=settings.crf,
                         preset=settings.preset)
-        dump = _AtomicText(Path(dump_faces)) if dump_faces else None
+        dump = AtomicText(Path(dump_faces)) if dump_faces else None
         layout = YUVLayout(writer.pix_fmt, info.output_colorspace, info.color_range)
         analyzer = Analyzer(info, settings, size, layout, faces_by_frame=faces_by_frame, detector=detector,
                             parser=parser, dump_to=dump)
@@ -337,27 +273,6 @@ class _signals_blocked:
     def __exit__(self, *exc):
         if self.active:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
-
-
-class _AtomicText:
-    """A text file written beside its destination and renamed into place on commit."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        self.tmp = Path(tmp)
-        self.file = os.fdopen(fd, "w", encoding="utf-8")
-
-    def write(self, text: str) -> None:
-        self.file.write(text)
-
-    def commit(self) -> None:
-        self.file.close()
-        publish(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -2,10 +2,10 @@ import av
 import numpy as np
 import pytest
 
-from streamer.align import AlignmentError, alignment, reference_points, similarity
+from streamer.faces.align import AlignmentError, alignment, reference_points, similarity
 from streamer.composite import Compositor, crop_mask, crop_footprint, cut_crop
-from streamer.synthetic import astronaut, psnr
-from streamer.yuv import YUVLayout, plane
+from tests.support.clips import astronaut, psnr
+from streamer.io.yuv import YUVLayout, plane
 
 
 def test_reference_points_are_gpens_template():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from streamer.synthetic import make_clip
+from tests.support.clips import make_clip
 
 CLI = [sys.executable, "-m", "streamer"]
 

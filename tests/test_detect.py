@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.detect import DetectorUnavailable, FaceDetector, load_retinaface
-from streamer.faces import display_transform, transform_face
+from streamer.faces.detect import DetectorUnavailable, FaceDetector, load_retinaface
+from streamer.faces.face import display_transform, transform_face
 from streamer.pipeline import restore_file
-from streamer.synthetic import astronaut, make_clip, read_frames
+from tests.support.clips import astronaut, make_clip, read_frames
 
 
 @pytest.fixture(scope="module")

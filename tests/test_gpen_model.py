@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, TINY
+from tests.conftest import DATA, TINY
 from gpen import RELEASED_CONFIGS, CheckpointError, FullGenerator, GPENConfig, infer_config, load_generator
 from gpen.checkpoint import release_name
 from gpen.model import EqualLinear, ModulatedConv2d
-from gpen.reference import reference_forward
+from tests.support.reference import reference_forward
 from gpen.testing import deterministic_input, deterministic_state_dict, official_key_shapes
 
 GOLDEN = np.load(DATA / "gpen_golden.npz")

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.align import alignment
+from streamer.faces.align import alignment
 from streamer.composite import Compositor, cut_crop
-from streamer.parse import FaceParser, ParserUnavailable, mask_from_labels
+from streamer.faces.parse import FaceParser, ParserUnavailable, mask_from_labels
 from streamer.pipeline import restore_file
-from streamer.synthetic import ASTRONAUT_LANDMARKS, astronaut, make_clip, read_frames
-from streamer.yuv import YUVLayout, plane
+from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut, make_clip, read_frames
+from streamer.io.yuv import YUVLayout, plane
 
 
 @pytest.fixture(scope="module")

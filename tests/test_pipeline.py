@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from gpen.weights import WeightsError
-from streamer.faces import FacesFileError, box_from_landmarks
-from streamer.media import MediaError
+from streamer.faces.face import box_from_landmarks
+from streamer.faces.faces_file import FacesFileError
+from streamer.io.probe import MediaError
 from streamer.pipeline import RestoreCancelled, restore_file
-from streamer.synthetic import (ASTRONAUT_LANDMARKS, astronaut, face_psnr, make_clip, psnr, read_frames,
+from tests.support.clips import (ASTRONAUT_LANDMARKS, astronaut, face_psnr, make_clip, psnr, read_frames,
                                 read_packets)
 
 

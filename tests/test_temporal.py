@@ -1,7 +1,7 @@
 import numpy as np
 
-from streamer.align import alignment
-from streamer.synthetic import ASTRONAUT_LANDMARKS, astronaut
+from streamer.faces.align import alignment
+from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut
 from workers.temporal import TemporalBlender
 import cv2
 

@@ -1,8 +1,8 @@
 import numpy as np
 
-from streamer.faces import Face, box_from_landmarks
-from streamer.track import FaceTracker, OneEuroFilter, SceneCutDetector, propagate_by_flow
-from streamer.synthetic import ASTRONAUT_LANDMARKS, astronaut
+from streamer.faces.face import Face, box_from_landmarks
+from streamer.faces.track import FaceTracker, OneEuroFilter, SceneCutDetector, propagate_by_flow
+from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut
 
 
 def _face(offset=(0.0, 0.0), scale=1.0):

@@ -300,7 +300,7 @@ def test_a_decoder_cannot_send_more_crops_than_it_was_granted():
 
 def test_restore_can_use_a_worker_started_on_its_own(tmp_path, settings, worker_settings):
     from streamer.pipeline import restore_file
-    from streamer.synthetic import make_clip, read_frames
+    from tests.support.clips import make_clip, read_frames
 
     endpoint = f"ipc://{tmp_path}/remote.sock"
     proc = _spawn_worker(endpoint)

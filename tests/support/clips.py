@@ -19,7 +19,7 @@ import av
 import cv2
 import numpy as np
 
-from streamer.faces import box_from_landmarks
+from streamer.faces.face import box_from_landmarks
 
 # Five landmarks of the astronaut's face in skimage.data.astronaut() (512x512), marked by hand:
 # left eye, right eye, nose tip, left and right mouth corners (image left/right).

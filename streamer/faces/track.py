@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from streamer.faces import Face
+from streamer.faces.face import Face
 
 FLOW_MAX_SIDE = 160  # optical flow runs on the face region scaled to at most this size
 SPEED_CUTOFF_HZ = 3.0  # One-Euro: low-pass on the speed estimate (1 Hz, the usual default, lags a turning head)

@@ -18,7 +18,7 @@ import torch
 
 from gpen.checkpoint import CheckpointError, read_state_dict
 from gpen.weights import WeightsError, locate
-from streamer.faces import Face, display_transform, transform_face
+from streamer.faces.face import Face, display_transform, transform_face
 
 log = logging.getLogger(__name__)
 

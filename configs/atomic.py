@@ -1,0 +1,91 @@
+"""Writing files so that nobody ever sees half of one: the one helper every writer uses
+(restored videos, faces files, downloaded weights).
+
+The data goes to a hidden temporary file beside the destination (same folder, so the final
+rename is atomic on every POSIX file system), named ``.<stem>.<random>.part<suffix>`` so the
+real extension stays last (FFmpeg picks its muxer from it). ``commit()`` flushes it to disk,
+gives it the permissions a new file would have had, and renames it over the destination;
+``abort()`` deletes it. Used as a context manager it commits on success, aborts on error.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+PART_MARKER = ".part"  # every temporary file's name contains this
+
+
+class AtomicFile:
+    def __init__(self, dest: str | Path):
+        self.dest = Path(dest)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.stem}.", suffix=f"{PART_MARKER}{self.dest.suffix}",
+                                   dir=self.dest.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.done = False
+
+    def open(self, mode: str = "wb", **kwargs):
+        """The temporary file, opened for writing (the caller closes it before commit)."""
+        return open(self.tmp, mode, **kwargs)
+
+    def commit(self, *, fsync: bool = True) -> Path:
+        if fsync:
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes files private; outputs should not be
+        os.replace(self.tmp, self.dest)
+        self.done = True
+        if fsync:
+            _fsync_dir(self.dest.parent)
+        return self.dest
+
+    def abort(self) -> None:
+        if not self.done:
+            self.tmp.unlink(missing_ok=True)
+            self.done = True
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self.done:
+            self.commit()
+        else:
+            self.abort()
+
+
+class AtomicText(AtomicFile):
+    """A text file written line by line (``--dump-faces``), renamed into place on commit."""
+
+    def __init__(self, dest: str | Path):
+        super().__init__(dest)
+        self.file = self.open("w", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self.file.write(text)
+
+    def commit(self, *, fsync: bool = True) -> Path:
+        self.file.close()
+        return super().commit(fsync=fsync)
+
+    def abort(self) -> None:
+        self.file.close()
+        super().abort()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (a crash right after commit keeps the new file)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,162 @@
+"""Opening an input with the rules for file jobs, and describing its video stream.
+
+File jobs may only use FFmpeg's ``file`` protocol, and playlist-like demuxers (HLS, concat,
+DASH, image sequences), which could pull in other files, are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from configs.errors import InputError
+from streamer.faces.face import display_rotation_steps
+from streamer.io.yuv import PLANAR_YUV
+
+log = logging.getLogger(__name__)
+
+REFUSED_DEMUXERS = {"hls", "applehttp", "concat", "dash", "image2", "image2pipe", "ffconcat"}
+
+
+class MediaError(InputError):
+    """The input cannot be read or the output cannot be written; the message says why."""
+
+
+AVCOL_SPC_RGB, AVCOL_SPC_BT709 = 0, 1
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: Path
+    stream_index: int
+    width: int
+    height: int
+    pix_fmt: str
+    bits: int
+    codec: str
+    time_base: Fraction
+    rate: Fraction | None
+    frames: int  # from the container index; 0 if unknown
+    duration_s: float | None  # the video stream's, else the container's (for progress)
+    stream_duration_s: float | None  # the video stream's own, if the container records it
+    start_s: float  # the video stream's start time
+    rotation: int  # degrees counter-clockwise, from the display matrix
+    colorspace: int
+    color_range: int
+    color_primaries: int
+    color_trc: int
+    sample_aspect: Fraction | None
+
+    @property
+    def rotation_steps(self) -> int:
+        return display_rotation_steps(self.rotation)
+
+    @property
+    def frame_step_s(self) -> float:
+        """Nominal seconds per frame (for frames without timestamps)."""
+        return 1.0 / float(self.rate) if self.rate else 1 / 25
+
+    @property
+    def output_colorspace(self) -> int:
+        """The YUV matrix to write: the input's, or BT.709 when the input is RGB."""
+        return AVCOL_SPC_BT709 if self.colorspace == AVCOL_SPC_RGB else self.colorspace
+
+    @property
+    def expected_frames(self) -> int:
+        """Index count, else duration x rate, else 0."""
+        if self.frames:
+            return self.frames
+        if self.duration_s and self.rate:
+            return int(round(self.duration_s * float(self.rate)))
+        return 0
+
+
+def ffmpeg_url(path: Path) -> str:
+    # "file:" keeps FFmpeg from reading "clip:1.mp4" as a protocol named "clip"
+    return "file:" + str(path.absolute())
+
+
+def video_stream(container) -> av.VideoStream | None:
+    """The main video stream: the first one that is not an attached picture (cover art)."""
+    attached = av.stream.Disposition.attached_pic
+    return next((s for s in container.streams.video if not s.disposition & attached), None)
+
+
+def open_input(path: str | Path) -> av.container.InputContainer:
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"input not found: {path}")
+    if not path.is_file():
+        raise MediaError(f"input is not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise MediaError(f"input is not readable: {path}")
+    try:
+        container = av.open(ffmpeg_url(path), options={"protocol_whitelist": "file"})
+    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
+        detail = "empty file" if path.stat().st_size == 0 else str(exc).split(";")[0]
+        raise MediaError(f"{path} is not a readable video file (truncated, corrupt or another format): "
+                         f"{detail}") from None
+    if container.format.name in REFUSED_DEMUXERS or container.format.name.split(",")[0] in REFUSED_DEMUXERS:
+        container.close()
+        raise MediaError(f"{path} is a {container.format.name} playlist/sequence, which may reference other "
+                         "files; give gpen-stream the media file itself")
+    if video_stream(container) is None:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise MediaError(f"{path} has no video stream (streams: {', '.join(kinds)}; cover art does not count)")
+    return container
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Open ``path`` (with the file-job restrictions) and describe its first video stream."""
+    with open_input(path) as container:
+        stream = video_stream(container)
+        cc = stream.codec_context
+        if not stream.width or not stream.height or cc.format is None:
+            raise MediaError(f"{path}: video stream has no usable size or pixel format")
+        stream_duration = None
+        if stream.duration is not None and stream.time_base:
+            stream_duration = float(stream.duration * stream.time_base)
+        duration = stream_duration
+        if duration is None and container.duration is not None:
+            duration = container.duration / av.time_base
+        try:  # the display matrix reaches us on decoded frames
+            rotation = int(round(next(container.decode(stream)).rotation or 0))
+        except (StopIteration, av.error.FFmpegError):
+            rotation = 0
+        return VideoInfo(
+            path=Path(path), stream_index=stream.index, width=stream.width, height=stream.height,
+            pix_fmt=cc.format.name, bits=max((c.bits for c in cc.format.components), default=8), codec=cc.name,
+            time_base=stream.time_base, rate=stream.average_rate or stream.guessed_rate, frames=stream.frames or 0,
+            duration_s=duration, stream_duration_s=stream_duration,
+            start_s=float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0,
+            rotation=rotation, colorspace=int(cc.colorspace), color_range=int(cc.color_range),
+            color_primaries=int(cc.color_primaries), color_trc=int(cc.color_trc),
+            sample_aspect=stream.sample_aspect_ratio)
+
+
+def packet_offset_s(packet: av.Packet) -> float | None:
+    """Seconds since the start of the packet's stream (streams may start at different epochs)."""
+    ts = packet.dts if packet.dts is not None else packet.pts
+    if ts is None:
+        return None
+    start = packet.stream.start_time or 0
+    return float((ts - start) * packet.time_base)
+
+
+def luma(frame: av.VideoFrame) -> np.ndarray:
+    """The frame's luma as uint8 (a view when the frame is 8-bit planar YUV)."""
+    fmt = frame.format.name
+    if fmt in PLANAR_YUV or fmt in ("nv12", "nv21", "gray"):
+        plane = frame.planes[0]
+        if PLANAR_YUV.get(fmt, (0, 0, 8))[2] > 8:
+            rows = np.frombuffer(plane, dtype="<u2").reshape(plane.height, -1)[:, :plane.width]
+            return (rows >> 2).astype(np.uint8)
+        return np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
+    return frame.to_ndarray(format="gray")

@@ -1,0 +1,1 @@
+"""Jobs built on the engine: a file restore (restore_file), and next a live feed."""
