@@ -10,8 +10,14 @@ speedup    ``restore`` vs a naive per-frame loop, as GPEN's/GFPGAN's/CodeFormer'
            the official formulation of the network (what GPEN's scripts run) and with ours, so
            the pipeline's own share of the gain is visible.
 
+jobs       ten short jobs through one long-lived engine (the daemon's way: detector and model
+           loaded once) vs ten ``restore_file`` calls (each builds its own engine, as a
+           ``gpen-stream restore`` process does). Same clips, GPEN-BFR-256 with deterministic
+           weights and RetinaFace MobileNet with deterministic weights, so both loads are real.
+
     python bench/pipeline.py overhead --frames 150
     python bench/pipeline.py speedup --frames 40
+    python bench/pipeline.py jobs --jobs 10 --frames 8
 """
 
 from __future__ import annotations
@@ -32,13 +38,13 @@ import cv2
 import numpy as np
 import torch
 
-from configs import RestoreSettings, WorkerSettings, load_settings
+from configs import JobOptions, WorkerSettings, load_settings
 from gpen import RELEASED_CONFIGS, load_generator
 from tests.support.reference import reference_forward
 from gpen.testing import deterministic_state_dict
 from streamer.faces.align import alignment, invert
 from streamer.composite import crop_mask
-from streamer.pipeline import restore_file
+from streamer.jobs.restore import restore_file
 from tests.support.clips import make_clip
 from workers import metrics
 
@@ -70,8 +76,8 @@ def _plain_transcode(src: Path, dst: Path) -> float:
     return time.perf_counter() - started
 
 
-def _settings(**overrides) -> RestoreSettings:
-    return load_settings(RestoreSettings, overrides={**ENCODER, **overrides})
+def _settings(**overrides) -> JobOptions:
+    return load_settings(JobOptions, overrides={**ENCODER, **overrides})
 
 
 def overhead(args, tmp: Path) -> None:
@@ -192,8 +198,10 @@ def speedup(args, tmp: Path) -> None:
         model_s = metrics.MODEL_SECONDS.labels(model="GPEN-BFR-256")._sum.get()
         started = time.perf_counter()
         result = restore_file(clip.path, tmp / "ours.mp4",
-                              _settings(model="GPEN-BFR-256", weights=weights, temporal=args.temporal),
-                              load_settings(WorkerSettings, overrides={"batch": args.batch}), faces_file=clip.faces_path)
+                              _settings(model="GPEN-BFR-256", temporal=args.temporal),
+                              load_settings(WorkerSettings, overrides={"batch": args.batch,
+                                                                       "models": {"GPEN-BFR-256": weights}}),
+                              faces_file=clip.faces_path)
         times["restore"].append(time.perf_counter() - started)
         result.timings["worker model"] = metrics.MODEL_SECONDS.labels(model="GPEN-BFR-256")._sum.get() - model_s
     best = {k: min(v) for k, v in times.items()}
@@ -209,19 +217,68 @@ def speedup(args, tmp: Path) -> None:
     print(f"speed-up restore / naive loop with our network          = {best['ours'] / best['restore']:.2f}x")
 
 
+def jobs(args, tmp: Path) -> None:
+    import warnings
+
+    from facexlib.detection.retinaface import RetinaFace
+
+    from configs import EngineSettings
+    from streamer.engine import Engine
+
+    weights = tmp / "GPEN-BFR-256-deterministic.pth"
+    torch.save(deterministic_state_dict(RELEASED_CONFIGS["GPEN-BFR-256"]), weights)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = RetinaFace(network_name="mobile0.25", half=False, phase="test", device="cpu")
+    detector = tmp / "detection_mobilenet0.25_Final.pth"
+    torch.save(net.state_dict(), detector)
+    clip = make_clip(tmp / "short.mp4", frames=args.frames, width=args.size[0], height=args.size[1],
+                     face_px=args.size[1] / 4, motion="slow", crf=10)
+    from streamer.faces.detect import FaceDetector
+
+    # the deterministic detector finds "faces" at random places: a threshold that keeps the best one
+    first = next(av.open(str(clip.path)).decode(video=0)).to_ndarray(format="rgb24")
+    best_score = max(f.score for f in FaceDetector(net.eval(), threshold=0.01, max_side=640).detect(first))
+    options = _settings(model="GPEN-BFR-256", detector="retinaface_mobile0.25", detect_threshold=best_score * 0.999,
+                        detect_max_side=640, max_faces=1, min_face=0)
+    worker = load_settings(WorkerSettings, overrides={"batch": args.batch, "models": {"GPEN-BFR-256": weights}})
+    engine_settings = load_settings(EngineSettings, overrides={"detector_weights": detector})
+    times: dict[str, list[float]] = {"engine": [], "calls": []}
+    faces = {}
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        with Engine(engine_settings, worker) as engine:
+            faces["engine"] = sum(restore_file(clip.path, tmp / f"e{i}.mp4", options, engine=engine).faces
+                                  for i in range(args.jobs))
+        times["engine"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        faces["calls"] = sum(restore_file(clip.path, tmp / f"c{i}.mp4", options, worker, engine_settings=engine_settings)
+                             .faces for i in range(args.jobs))
+        times["calls"].append(time.perf_counter() - started)
+    best = {k: min(v) for k, v in times.items()}
+    print(f"{args.jobs} jobs of {args.frames} frames {args.size[0]}x{args.size[1]}, GPEN-BFR-256 + RetinaFace "
+          f"MobileNet (deterministic weights), {faces['engine']} faces in all, best of {args.repeats}")
+    print(f"one engine, {args.jobs} jobs        {best['engine']:7.2f} s  ({best['engine'] / args.jobs:.2f} s/job)")
+    print(f"{args.jobs} restore_file calls     {best['calls']:7.2f} s  ({best['calls'] / args.jobs:.2f} s/job)")
+    print(f"speed-up one engine / separate calls = {best['calls'] / best['engine']:.2f}x  "
+          f"(faces {faces['engine']} vs {faces['calls']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["overhead", "speedup"])
+    ap.add_argument("which", choices=["overhead", "speedup", "jobs"])
+    ap.add_argument("--jobs", type=int, default=10)
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--size", type=int, nargs=2, default=[1280, 720], metavar=("W", "H"))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--temporal", default="full", choices=["off", "landmarks", "full"])
+    ap.add_argument("--temporal", default="full", choices=["auto", "off", "landmarks", "full"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    args.frames = args.frames or (150 if args.which == "overhead" else 40)
+    args.frames = args.frames or {"overhead": 150, "speedup": 40, "jobs": 8}[args.which]
     with tempfile.TemporaryDirectory(prefix="gpen-bench-") as tmp:
-        (overhead if args.which == "overhead" else speedup)(args, Path(tmp))
+        {"overhead": overhead, "speedup": speedup, "jobs": jobs}[args.which](args, Path(tmp))
 
 
 if __name__ == "__main__":

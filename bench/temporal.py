@@ -21,6 +21,7 @@ the comparison.
 
     python bench/temporal.py                  # all clips, identity and GPEN-BFR-256
     python bench/temporal.py --models identity --frames 24
+    python bench/temporal.py --blender reference   # the same with the OpenCV/ECC blender it replaced
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ import av
 import numpy as np
 import torch
 
-from configs import RestoreSettings, WorkerSettings, load_settings
+from configs import JobOptions, WorkerSettings, load_settings
 from gpen import RELEASED_CONFIGS
 from gpen.testing import deterministic_state_dict
-from streamer.pipeline import restore_file
+from streamer.jobs.restore import restore_file
 from tests.support.clips import face_psnr, make_clip, read_frames, temporal_error
 
 CLIPS = {
@@ -58,9 +59,8 @@ DEGRADE = dict(noise=6.0, blur=0.8, jpeg=45, jitter_px=1.5)
 
 def run(clip, out: Path, model: str, weights: Path | None, temporal: str, faces: Path | None = None,
         batch: int | None = None):
-    settings = load_settings(RestoreSettings, overrides={"model": model, "weights": weights, "temporal": temporal,
-                                                         "crf": 0})
-    worker = load_settings(WorkerSettings, overrides={"batch": batch})
+    settings = load_settings(JobOptions, overrides={"model": model, "temporal": temporal, "crf": 0})
+    worker = load_settings(WorkerSettings, overrides={"batch": batch, "models": {model: weights} if weights else None})
     started = time.perf_counter()
     restore_file(clip.path if faces is None else clip, out, settings, worker,
                  faces_file=clip.faces_path if faces is None else faces)
@@ -74,18 +74,26 @@ def main() -> None:
     ap.add_argument("--clips", nargs="+", default=list(CLIPS), choices=list(CLIPS))
     ap.add_argument("--models", nargs="+", default=["identity", "GPEN-BFR-256"])
     ap.add_argument("--frames", type=int, default=40)
+    ap.add_argument("--blender", choices=["tensor", "reference"], default="tensor",
+                    help="reference: workers.temporal_reference, the blender the tensor one replaced")
     ap.add_argument("--size", type=int, nargs=2, default=[320, 240], metavar=("W", "H"))
     ap.add_argument("--face-px", type=float, default=110.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", nargs=2, default=["off", "full"], metavar=("BASE", "MODE"),
                     help="the two --temporal modes compared (default: off full)")
     args = ap.parse_args()
+    if args.blender == "reference":
+        import workers.build
+        from workers.temporal_reference import ReferenceBlender
+
+        workers.build.TemporalBlender = ReferenceBlender  # what the embedded worker is built with
     tmp = Path(tempfile.mkdtemp(prefix="gpen-temporal-"))
     weights = {}
     if "GPEN-BFR-256" in args.models:
         weights["GPEN-BFR-256"] = tmp / "GPEN-BFR-256-deterministic.pth"
         torch.save(deterministic_state_dict(RELEASED_CONFIGS["GPEN-BFR-256"]), weights["GPEN-BFR-256"])
-    print(f"{args.frames} frames {args.size[0]}x{args.size[1]}, face ~{args.face_px:.0f}px, degradations {DEGRADE}")
+    print(f"{args.frames} frames {args.size[0]}x{args.size[1]}, face ~{args.face_px:.0f}px, degradations {DEGRADE}, "
+          f"{args.blender} blender")
     print(f"{'clip':<10}{'model':<14}{'TE off':>8}{'TE full':>9}{'ratio':>7}{'TE* off':>9}{'TE* full':>9}{'ratio':>7}"
           f"{'PSNR off':>10}{'PSNR full':>10}{'dPSNR':>7}{'t off':>7}{'t full':>7}{'t ratio':>8}  notes")
     for name in args.clips:

@@ -18,10 +18,18 @@ PART_MARKER = ".part"  # every temporary file's name contains this
 
 
 class AtomicFile:
-    def __init__(self, dest: str | Path):
+    """``tag``: a stable name for the temporary file instead of a random one (the daemon uses
+    the job id, so a job run again after a crash reuses, and so removes, the file the crashed
+    attempt left behind)."""
+
+    def __init__(self, dest: str | Path, *, tag: str | None = None):
         self.dest = Path(dest)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.stem}.", suffix=f"{PART_MARKER}{self.dest.suffix}",
-                                   dir=self.dest.parent)
+        if tag is None:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.stem}.", suffix=f"{PART_MARKER}{self.dest.suffix}",
+                                       dir=self.dest.parent)
+        else:
+            tmp = self.dest.parent / f".{self.dest.stem}.{tag}{PART_MARKER}{self.dest.suffix}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         os.close(fd)
         self.tmp = Path(tmp)
         self.done = False

@@ -6,6 +6,12 @@ however long the file is. A track sticks to one worker while that worker lives, 
 temporal state sees the track's crops in order; if the worker dies or goes silent, its
 unfinished crops are re-sent elsewhere with ``reset`` (the state restarts there) and the job
 goes on. Only when no worker is left does the job fail.
+
+What a crop that fails or comes back too late does is the job's ``JobPolicy``: a file job
+waits for every face and fails on an error (a restoration with holes is not a restoration);
+a live job gives each frame a deadline and passes a face through unrestored rather than
+hold the picture back. Workers can join during a job: the dispatcher asks its worker
+directory (the engine's list, or the Redis registry) once a second and greets newcomers.
 """
 
 from __future__ import annotations
@@ -14,18 +20,55 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 import zmq
 
+from configs.errors import TransientError
 from workers import metrics, wire
 
 log = logging.getLogger(__name__)
 
 
-class DispatchError(RuntimeError):
-    """Crops cannot be restored: no usable worker, or a worker reported a failure."""
+class DispatchError(TransientError):
+    """Crops cannot be restored: no usable worker, or a worker reported a failure (worth
+    another attempt: workers come back, memory frees up)."""
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """What a job does with a crop that fails or is late, and with a source that goes quiet."""
+
+    on_crop_error: Literal["fail", "passthrough"] = "fail"
+    deadline_s: float | None = None  # None: crops carry no deadline; else from the frame's arrival
+    on_late: Literal["wait", "passthrough"] = "wait"
+    hold_s: float | None = None  # repeat the last frame when no new one came for this long (live outputs)
+
+
+FILE_POLICY = JobPolicy()
+
+
+def live_policy(latency_s: float, hold_s: float) -> JobPolicy:
+    return JobPolicy(on_crop_error="passthrough", deadline_s=latency_s, on_late="passthrough", hold_s=hold_s)
+
+
+@dataclass(frozen=True)
+class WorkerEndpoint:
+    """A worker as a directory lists it."""
+
+    endpoint: str
+    start_timeout_s: float  # how long it may take to answer hello (embedded workers load a model first)
+    is_alive: Callable[[], bool] | None = None  # known only for workers this process started
+    describe: Callable[[], str] | None = None  # why it died, for messages
+
+
+class WorkerDirectory(Protocol):
+    def endpoints(self) -> list[WorkerEndpoint]:
+        """The workers to use now (a worker missing from a later answer is gone)."""
+
+    def for_model(self, model: str) -> "WorkerDirectory":
+        """The directory narrowed to workers that serve ``model``."""
 
 
 @dataclass
@@ -45,14 +88,19 @@ class FrameTask:
     """A decoded frame on its way to the encoder, with the faces to restore in it."""
 
     index: int
-    item: object  # media.DecodedFrame
+    item: object  # source.DecodedFrame
     crops: list[CropTask] = field(default_factory=list)
     restored: dict[int, np.ndarray] = field(default_factory=dict)  # face -> restored crop
+    passed: set[int] = field(default_factory=set)  # faces that go out as they came in (late or failed)
     ended_tracks: list[int] = field(default_factory=list)
+    deadline: float | None = None  # time.monotonic() after which missing faces pass through
 
     @property
     def done(self) -> bool:
-        return len(self.restored) == len(self.crops)
+        return len(self.restored) + len(self.passed) >= len(self.crops)
+
+
+_NO_WORKER = object()
 
 
 @dataclass(frozen=True)
@@ -66,22 +114,33 @@ class WorkerLink:
     """One worker as seen from here: its socket, credits and unfinished crops."""
 
     def __init__(self, context: zmq.Context, endpoint: str, *, is_alive: Callable[[], bool] | None = None,
-                 describe: Callable[[], str] | None = None):
+                 describe: Callable[[], str] | None = None, start_timeout_s: float | None = None,
+                 socket_options: Callable[[zmq.Socket], None] | None = None):
         self.endpoint = endpoint
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        if socket_options is not None:  # e.g. CURVE keys
+            socket_options(self.socket)
         self.socket.connect(endpoint)
         self.credits = 0
         self.ready = False
         self.dead = False
         self.name = endpoint
+        self.greeted = 0.0  # when hello was (last) sent
+        self.start_timeout_s = start_timeout_s
         self.last_heard = time.monotonic()
+        self.last_ping = 0.0
         self.outstanding: dict[tuple[int, int], CropTask] = {}
         self.tracks: set[int] = set()
         self.reason = ""  # why it was declared dead
         self._is_alive = is_alive or (lambda: True)
         self.describe = describe or (lambda: "")
+
+    @classmethod
+    def to(cls, context: zmq.Context, worker: WorkerEndpoint, **kw) -> "WorkerLink":
+        return cls(context, worker.endpoint, is_alive=worker.is_alive, describe=worker.describe,
+                   start_timeout_s=worker.start_timeout_s, **kw)
 
     def alive(self) -> bool:
         return not self.dead and self._is_alive()
@@ -95,39 +154,49 @@ class WorkerLink:
 
 class Dispatcher:
     def __init__(self, links: list[WorkerLink], *, job: str, model: str, size: int, temporal: str,
-                 timeout_s: float):
-        self.links = links
+                 timeout_s: float, policy: JobPolicy = FILE_POLICY, directory: WorkerDirectory | None = None,
+                 context: zmq.Context | None = None, link_options: dict | None = None):
+        self.links = list(links)
         self.job, self.model, self.size, self.temporal = job, model, size, temporal
         self.timeout_s = timeout_s
+        self.policy = policy
+        self.directory, self.context, self.link_options = directory, context, link_options or {}
         self._queue: deque[CropTask] = deque()
         self._frames: dict[int, FrameTask] = {}
         self._affinity: dict[int, WorkerLink] = {}
         self._poller = zmq.Poller()
-        for link in links:
+        self._last_refresh = 0.0
+        self.passed_faces = 0  # faces that went out unrestored (live: late or failed)
+        for link in self.links:
             self._poller.register(link.socket, zmq.POLLIN)
 
     # ------------------------------------------------------------------ setup and teardown
 
     def wait_ready(self, timeout_s: float, should_stop: Callable[[], None] | None = None) -> None:
-        """Greet every worker and wait for its first credit (models loaded). ``should_stop``
-        is called while waiting and may raise to abandon the wait."""
+        """Greet every worker and wait for its first credit (models loaded). A worker must
+        answer within its own start timeout (short for a remote worker that should already be
+        running, long for one this process just started), and within ``timeout_s`` in any
+        case. ``should_stop`` is called while waiting and may raise to abandon the wait."""
+        self._refresh(force=True)
         for link in self.links:
-            link.send(wire.Hello(job=self.job))
-        deadline = time.monotonic() + timeout_s
+            self._greet(link)
         while not all(link.ready or link.dead for link in self.links):
             if should_stop is not None:
                 should_stop()
-            self._poll(200)
+            self._poll(100)
+            now = time.monotonic()
             for link in self.links:
-                if not link.ready and not link.dead and not link.alive():
+                if link.ready or link.dead:
+                    continue
+                if not link.alive():
                     self._declare_dead(link, f"exited while starting{link.describe()}")
-            if time.monotonic() > deadline:
-                for link in self.links:
-                    if not link.ready:
-                        self._declare_dead(link, f"did not answer within {timeout_s:.0f} s")
+                limit = min(timeout_s, link.start_timeout_s or timeout_s)
+                if now - link.greeted > limit:
+                    self._declare_dead(link, f"did not answer within {limit:.0f} s; is a gpen-stream worker "
+                                             "running there?")
         live = [link for link in self.links if link.ready and not link.dead]
         if not live:
-            reasons = "; ".join(f"{link.name}: {link.reason or 'no answer'}" for link in self.links)
+            reasons = "; ".join(f"{link.name}: {link.reason or 'no answer'}" for link in self.links) or "none listed"
             raise DispatchError(f"no worker could serve {self.model}: {reasons}")
 
     def close(self) -> None:
@@ -148,6 +217,8 @@ class Dispatcher:
         return len(self._frames)
 
     def submit(self, task: FrameTask) -> None:
+        if task.deadline is None and self.policy.deadline_s is not None:
+            task.deadline = time.monotonic() + self.policy.deadline_s
         self._frames[task.index] = task
         self._queue.extend(task.crops)
         # Queued, not sent: the end of a track must not overtake its last crops.
@@ -155,11 +226,14 @@ class Dispatcher:
 
     def pump(self, timeout_ms: int) -> list[FrameTask]:
         """Send what credits allow, receive results, check health. Returns frames whose
-        crops are all back (in no particular order)."""
+        crops are all back, or passed through (in no particular order)."""
+        self._refresh()
         self._send_queued()
         self._poll(timeout_ms if self._queue or any(link.outstanding for link in self.links) else 0)
         self._check_health()
+        self._expire_late()
         self._send_queued()
+        self._ping()
         finished = [t for t in self._frames.values() if t.done]
         for t in finished:
             del self._frames[t.index]
@@ -176,16 +250,27 @@ class Dispatcher:
                 else:
                     self._end_track(task.track)
                 continue
-            link = None if task.track in blocked else self._link_for(task.track)
+            frame = self._frames.get(task.frame)
+            if frame is None or task.face in frame.passed:
+                continue  # its frame has gone out already
+            if task.track in blocked:
+                kept.append(task)
+                continue
+            link = self._link_for(task.track)
+            if link is _NO_WORKER:
+                self._pass(frame, task.face, "no worker")
+                continue
             if link is None or link.credits <= 0:
                 blocked.add(task.track)
                 kept.append(task)
                 continue
             reset = task.reset or task.track not in link.tracks
             link.tracks.add(task.track)
+            deadline = None if frame.deadline is None else time.time() + (frame.deadline - time.monotonic())
             header = wire.Crop(job=self.job, frame=task.frame, pts=task.pts, track=task.track, face=task.face,
                                model=self.model, size=self.size, shape=(self.size, self.size, 3),
-                               affine=tuple(map(tuple, task.affine.tolist())), temporal=self.temporal, reset=reset)
+                               affine=tuple(map(tuple, task.affine.tolist())), temporal=self.temporal, reset=reset,
+                               deadline=deadline)
             link.send(header, task.crop)
             link.credits -= 1
             link.outstanding[(task.frame, task.face)] = task
@@ -197,16 +282,74 @@ class Dispatcher:
             link.tracks.discard(track)
             link.send(wire.EndTrack(job=self.job, track=track))
 
-    def _link_for(self, track: int) -> WorkerLink | None:
+    def _link_for(self, track: int):
+        """The track's worker; a new track goes to the worker with most room. None while the
+        only workers left are (re)starting; _NO_WORKER when none is left and the policy passes
+        faces through."""
         link = self._affinity.get(track)
-        if link is not None and link.alive():
+        if link is not None and link.alive() and link.ready:
             return link
         live = [lk for lk in self.links if lk.ready and lk.alive()]
         if not live:
+            if any(lk.alive() and lk.greeted for lk in self.links):
+                return None  # greeted, not answered yet: wait for it
+            if self.policy.on_crop_error == "passthrough":
+                return _NO_WORKER
             raise DispatchError("no worker left to restore faces")
         link = max(live, key=lambda lk: (lk.credits - len(lk.tracks) * 0.01, -len(lk.outstanding)))
         self._affinity[track] = link
         return link
+
+    def _pass(self, frame: FrameTask, face: int, why: str) -> None:
+        """Send this face out as it came in (live jobs: late, failed, or no worker)."""
+        if face not in frame.passed and face not in frame.restored:
+            frame.passed.add(face)
+            self.passed_faces += 1
+            metrics.FACES_PASSED.labels(reason=why).inc()
+
+    def _expire_late(self) -> None:
+        if self.policy.on_late != "passthrough":
+            return
+        now = time.monotonic()
+        for frame in self._frames.values():
+            if frame.deadline is not None and now >= frame.deadline and not frame.done:
+                for c in frame.crops:
+                    self._pass(frame, c.face, "late")
+
+    def _ping(self) -> None:
+        """Tell workers this decoder is still here (they forget decoders that go silent)."""
+        now = time.monotonic()
+        for link in self.links:
+            if link.ready and not link.dead and now - link.last_ping >= wire.HEARTBEAT_S:
+                link.last_ping = now
+                link.send(wire.Ping(job=self.job))
+
+    def _greet(self, link: WorkerLink) -> None:
+        link.greeted = time.monotonic()
+        link.send(wire.Hello(job=self.job))
+
+    def _refresh(self, force: bool = False) -> None:
+        """Pick up workers that joined the directory, drop the ones that left it."""
+        now = time.monotonic()
+        if self.directory is None or (not force and now - self._last_refresh < wire.HEARTBEAT_S):
+            return
+        self._last_refresh = now
+        listed = {w.endpoint: w for w in self.directory.endpoints()}
+        for link in self.links:
+            if link.endpoint not in listed and not link.dead:
+                self._declare_dead(link, "left the worker directory")
+        known = {link.endpoint for link in self.links if not link.dead}
+        for endpoint, worker in listed.items():
+            if endpoint not in known:
+                link = WorkerLink.to(self.context, worker, **self.link_options)
+                self.links.append(link)
+                self._poller.register(link.socket, zmq.POLLIN)
+                if not force:
+                    self._greet(link)
+        for link in [lk for lk in self.links if lk.dead]:  # forget the dead, once their crops went elsewhere
+            self._poller.unregister(link.socket)
+            link.close()
+            self.links.remove(link)
 
     def _poll(self, timeout_ms: int) -> None:
         events = dict(self._poller.poll(timeout_ms))
@@ -244,21 +387,46 @@ class Dispatcher:
             task = link.outstanding.pop((header.frame, header.face), None)
             if task is None:
                 return  # a late reply for a crop already re-sent elsewhere
-            link.credits += 1
+            frame = self._frames.get(header.frame)
             if isinstance(header, wire.Error):
-                raise DispatchError(f"worker {link.name} could not restore frame {header.frame}: {header.reason}")
+                self._failed(link, task, frame, header)
+                return
+            link.credits += 1
             if header.size != self.size:
                 raise DispatchError(f"worker {link.name} returned {header.size}px crops, expected {self.size}px")
-            frame = self._frames.get(header.frame)
-            if frame is not None:
+            if frame is not None and header.face not in frame.passed:
                 frame.restored[header.face] = pixels  # a view that keeps the received message alive
         else:
             log.warning("unexpected %s message from %s", header.kind, link.name)
 
+    def _failed(self, link: WorkerLink, task: CropTask, frame: FrameTask | None, error: wire.Error) -> None:
+        if error.retry:  # the worker forgot us (it restarted, or we were silent): greet it again, re-send
+            log.info("worker %s does not know this job any more (%s); greeting it again", link.name, error.reason)
+            link.ready, link.credits = False, 0
+            link.tracks.clear()
+            for track in [t for t, lk in self._affinity.items() if lk is link]:
+                del self._affinity[track]
+            task.reset = True
+            self._queue.appendleft(task)
+            self._greet(link)
+            return
+        link.credits += 1
+        if frame is None:
+            return
+        if self.policy.on_crop_error == "fail":
+            raise DispatchError(f"worker {link.name} could not restore frame {error.frame}: {error.reason}")
+        self._pass(frame, error.face, "error")
+
     def _check_health(self) -> None:
         now = time.monotonic()
         for link in self.links:
-            if link.dead or not link.ready:
+            if link.dead:
+                continue
+            if not link.ready:
+                if not link.alive():
+                    self._declare_dead(link, f"exited{link.describe()}")
+                elif link.greeted and link.start_timeout_s and now - link.greeted > link.start_timeout_s:
+                    self._declare_dead(link, f"did not answer hello within {link.start_timeout_s:.0f} s")
                 continue
             if not link.alive():
                 # A worker that drains on SIGTERM sends its last results just before exiting.

@@ -1,11 +1,19 @@
-"""Logging setup: human-readable lines or one JSON object per line (``--log-format json``)."""
+"""Logging setup: human-readable lines or one JSON object per line (``--log-format json``).
+
+Every line logged while a job runs carries its id (``job``): the daemon sets ``JOB`` in the
+job's thread, the pipeline's stage threads inherit it, and a filter copies it onto each record
+(``[job <id>]`` at the end of a text line, a ``job`` field in JSON).
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
+
+JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("job", default=None)
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -14,19 +22,40 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
                  "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and v is not None})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        job = getattr(record, "job", None)
+        return f"{line} [job {job}]" if job else line
+
+
+def _with_job(record: logging.LogRecord) -> bool:
+    if getattr(record, "job", None) is None:
+        record.job = JOB.get()
+    return True
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_with_job)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     import av.logging
 
+    # FFmpeg's own lines (decoders' "error while decoding MB", demuxers' complaints) go through
+    # Python logging as "libav.*", shown only at debug level: what they mean reaches the user
+    # once, in gpen-stream's own message and summary (damage is counted, not printed raw).
     av.logging.set_level(av.logging.WARNING if level == "debug" else av.logging.ERROR)
+    av.logging.set_skip_repeated(False)
+    logging.getLogger("libav").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL + 1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import RestoreSettings, WorkerSettings, load_settings
+from configs import EngineSettings, JobOptions, WorkerSettings, load_settings
 from gpen import RELEASED_CONFIGS, GPENConfig
 from gpen.testing import deterministic_state_dict
 
@@ -39,11 +39,35 @@ def gpen256_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def retinaface_mobile_weights(tmp_path_factory) -> Path:
+    """RetinaFace MobileNet-0.25 with deterministic (seeded) weights, saved as released
+    (DataParallel's "module." prefix). It finds "faces" at random places, repeatably."""
+    import warnings
+
+    from facexlib.detection.retinaface import RetinaFace
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = RetinaFace(network_name="mobile0.25", half=False, phase="test", device="cpu")
+    path = tmp_path_factory.mktemp("det") / "detection_mobilenet0.25_Final.pth"
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, path)
+    return path
+
+
 @pytest.fixture
 def settings():
-    """Restore settings for tests: lossless output so comparisons see only our processing."""
+    """Job options for tests: lossless output so comparisons see only our processing."""
     def make(**overrides):
-        return load_settings(RestoreSettings, overrides={"crf": 0, "preset": "ultrafast", **overrides})
+        return load_settings(JobOptions, overrides={"crf": 0, "preset": "ultrafast", **overrides})
+    return make
+
+
+@pytest.fixture
+def engine_settings():
+    def make(**overrides):
+        return load_settings(EngineSettings, overrides=overrides)
     return make
 
 
@@ -57,3 +81,13 @@ def worker_settings():
 def region(frame: np.ndarray, box) -> np.ndarray:
     x0, y0, x1, y1 = box
     return frame[y0:y1, x0:x1]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of this test's own (append-only on, so a restart keeps its data)."""
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

@@ -10,7 +10,7 @@ import torch
 from streamer.faces.align import alignment
 from streamer.composite import Compositor, cut_crop
 from streamer.faces.parse import FaceParser, ParserUnavailable, mask_from_labels
-from streamer.pipeline import restore_file
+from streamer.jobs.restore import restore_file
 from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut, make_clip, read_frames
 from streamer.io.yuv import YUVLayout, plane
 
@@ -69,9 +69,9 @@ def test_a_zero_mask_leaves_the_frame_untouched():
     assert cut_crop(frame, layout, affine, 256).shape == (256, 256, 3)
 
 
-def test_restore_with_face_parsing_masks(tmp_path, parsenet_weights, settings, worker_settings):
+def test_restore_with_face_parsing_masks(tmp_path, parsenet_weights, settings, worker_settings, engine_settings):
     clip = make_clip(tmp_path / "in.mp4", frames=2)
     result = restore_file(clip.path, tmp_path / "out.mp4",
-                          settings(model="identity", mask="parse", parser_weights=parsenet_weights),
-                          worker_settings(), faces_file=clip.faces_path)
+                          settings(model="identity", mask="parse"), worker_settings(),
+                          engine_settings=engine_settings(parser_weights=parsenet_weights), faces_file=clip.faces_path)
     assert result.faces == 2 and len(read_frames(tmp_path / "out.mp4")[0]) == 2

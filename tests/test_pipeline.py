@@ -14,7 +14,8 @@ from gpen.weights import WeightsError
 from streamer.faces.face import box_from_landmarks
 from streamer.faces.faces_file import FacesFileError
 from streamer.io.probe import MediaError
-from streamer.pipeline import RestoreCancelled, restore_file
+from configs.errors import Cancelled
+from streamer.jobs.restore import restore_file
 from tests.support.clips import (ASTRONAUT_LANDMARKS, astronaut, face_psnr, make_clip, psnr, read_frames,
                                 read_packets)
 
@@ -61,11 +62,13 @@ def test_temporal_smoothing_keeps_a_clean_face_sharp(tmp_path, settings, worker_
     assert face_psnr(read_frames(out)[0], read_frames(clip.path)[0], clip) > 38
 
 
-def test_gpen_256_restores_faces_through_a_worker_process(tmp_path, settings, worker_settings, gpen256_weights):
+def test_gpen_256_restores_faces_through_a_worker_process(tmp_path, settings, worker_settings, engine_settings,
+                                                         gpen256_weights):
     clip = make_clip(tmp_path / "in.mp4", frames=6, motion="slow", face_px=70)
     out = tmp_path / "out.mp4"
-    result = restore_file(clip.path, out, settings(model="GPEN-BFR-256", weights=gpen256_weights, isolate_workers=True),
-                          worker_settings(), faces_file=clip.faces_path)
+    result = restore_file(clip.path, out, settings(model="GPEN-BFR-256"),
+                          worker_settings(models={"GPEN-BFR-256": gpen256_weights}),
+                          engine_settings=engine_settings(isolate_workers=True), faces_file=clip.faces_path)
     assert result.frames == 6 and result.faces == 6
     frames_in, _, _, _ = read_frames(clip.path)
     frames_out, _, _, _ = read_frames(out)
@@ -250,7 +253,7 @@ def test_a_malformed_faces_file_names_the_line(tmp_path, clip, settings, worker_
         clip, tmp_path / "out.mp4", settings, worker_settings, model="identity", faces_file=bad))
 
 
-def test_cancelling_leaves_no_output(tmp_path, settings, worker_settings):
+def test_cancelling_leaves_no_output(tmp_path, settings, worker_settings, engine_settings):
     clip = make_clip(tmp_path / "in.mp4", frames=60)
     cancel = threading.Event()
 
@@ -258,9 +261,10 @@ def test_cancelling_leaves_no_output(tmp_path, settings, worker_settings):
         if p.frames_done >= 5:
             cancel.set()
 
-    with pytest.raises(RestoreCancelled):
-        restore_file(clip.path, tmp_path / "out.mp4", settings(model="identity", max_frames_in_flight=4),
-                     worker_settings(), faces_file=clip.faces_path, progress=progress, cancel=cancel)
+    with pytest.raises(Cancelled):
+        restore_file(clip.path, tmp_path / "out.mp4", settings(model="identity"), worker_settings(),
+                     engine_settings=engine_settings(max_frames_in_flight=4), faces_file=clip.faces_path,
+                     progress=progress, cancel=cancel)
     assert not (tmp_path / "out.mp4").exists() and _no_leftovers(tmp_path)
 
 

@@ -298,18 +298,96 @@ def test_a_decoder_cannot_send_more_crops_than_it_was_granted():
     thread.join(5)
 
 
-def test_restore_can_use_a_worker_started_on_its_own(tmp_path, settings, worker_settings):
-    from streamer.pipeline import restore_file
+def test_restore_can_use_a_worker_started_on_its_own(tmp_path, settings, worker_settings, engine_settings):
+    from streamer.jobs.restore import restore_file
     from tests.support.clips import make_clip, read_frames
 
     endpoint = f"ipc://{tmp_path}/remote.sock"
     proc = _spawn_worker(endpoint)
     try:
         clip = make_clip(tmp_path / "in.mp4", frames=4)
-        result = restore_file(clip.path, tmp_path / "out.mp4", settings(model="identity", connect=[endpoint]),
-                              worker_settings(), faces_file=clip.faces_path)
+        result = restore_file(clip.path, tmp_path / "out.mp4", settings(model="identity"), worker_settings(),
+                              engine_settings=engine_settings(connect=[endpoint]), faces_file=clip.faces_path)
         assert result.faces == 4 and len(read_frames(tmp_path / "out.mp4")[0]) == 4
         assert proc.poll() is None  # the worker serves on after the job
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _crop_header(frame, track=0, temporal="off"):
+    return wire.Crop(job="j", frame=frame, track=track, face=0, model="identity", size=SIZE, shape=(SIZE, SIZE, 3),
+                     affine=((1, 0, 0), (0, 1, 0)), temporal=temporal)
+
+
+def _replies(dealer, kinds=("result", "error"), n=1, timeout_ms=5000):
+    out = []
+    while len(out) < n and dealer.poll(timeout_ms):
+        header, _ = wire.decode(dealer.recv_multipart())
+        if header.kind in kinds:
+            out.append(header)
+    return out
+
+
+def test_a_worker_restores_nothing_for_a_decoder_that_never_said_hello():
+    restorer = RecordingRestorer()
+    worker, thread, endpoint = _start_thread_worker(restorer, batch=1, batch_wait_ms=1)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    dealer.send_multipart(wire.encode(_crop_header(0), np.zeros((SIZE, SIZE, 3), np.uint8)))
+    [reply] = _replies(dealer)
+    assert reply.kind == "error" and reply.retry and "does not know the decoder" in reply.reason
+    assert restorer.batches == []
+    dealer.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_a_worker_forgets_a_decoder_that_went_silent_with_its_temporal_state():
+    worker, thread, endpoint = _start_thread_worker(RecordingRestorer(), batch=1, batch_wait_ms=1, credits=8,
+                                                    peer_timeout_s=1.5)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    dealer.send_multipart(wire.encode(wire.Hello(job="j")))
+    for track in range(5):  # five tracks with temporal state, then silence: no end_track, no bye
+        dealer.send_multipart(wire.encode(_crop_header(0, track, "full"), np.full((SIZE, SIZE, 3), 9, np.uint8)))
+    assert len(_replies(dealer, n=5)) == 5 and len(worker.blender) == 5
+    expired = metrics.PEERS_EXPIRED._value.get()
+    deadline = time.monotonic() + 10
+    while len(worker.blender) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(worker.blender) == 0 and metrics.PEERS_EXPIRED._value.get() == expired + 1
+    dealer.send_multipart(wire.encode(_crop_header(1), np.zeros((SIZE, SIZE, 3), np.uint8)))
+    assert _replies(dealer)[0].retry  # forgotten: it must greet the worker again
+    dealer.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_a_decoder_greets_a_restarted_worker_again_and_its_crops_go_through(tmp_path):
+    proc, d = _one_process_worker(tmp_path)
+    rng = np.random.default_rng(2)
+    tasks = [FrameTask(f, None, crops=[CropTask(f, 0, 0, np.eye(2, 3), rng.integers(0, 255, (512, 512, 3), np.uint8))])
+             for f in range(6)]
+    _run(d, tasks[:2])
+    proc.kill()  # a new worker at the same endpoint knows nothing of this decoder
+    proc.wait()
+    d.links[0]._is_alive = lambda: True  # as with --connect: the decoder cannot see the process
+    proc = _spawn_worker(f"ipc://{tmp_path}/w.sock")
+    try:
+        done = _run(d, tasks[2:], timeout=60)
+        assert len(done) == 4 and all(t.restored for t in done)
+    finally:
+        d.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_connecting_to_an_endpoint_where_nothing_listens_fails_fast(tmp_path):
+    link = WorkerLink(zmq.Context.instance(), f"ipc://{tmp_path}/nobody.sock", start_timeout_s=1.0)
+    d = Dispatcher([link], job="j", model="identity", size=SIZE, temporal="off", timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(DispatchError, match="did not answer within 1 s; is a gpen-stream worker running there"):
+        d.wait_ready(300)
+    assert time.monotonic() - started < 5
+    d.close()

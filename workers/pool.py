@@ -23,9 +23,7 @@ import torch
 import zmq
 
 from configs import WorkerSettings
-from workers.restorers import build_restorer, resolve_device, resolve_dtype
-from workers.temporal import TemporalBlender
-from workers.worker import Worker
+from workers.build import build_worker
 
 log = logging.getLogger(__name__)
 
@@ -59,34 +57,37 @@ def devices_for(settings: WorkerSettings, count: int) -> list[str]:
     return [settings.device] * (count or 1)
 
 
-def start_local_workers(model: str, weights: Path | None, settings: WorkerSettings, *, count: int = 0,
-                        isolate: bool = False, context: zmq.Context | None = None) -> LocalWorkers:
+def start_local_workers(model: str, settings: WorkerSettings, *, count: int = 0, isolate: bool = False,
+                        context: zmq.Context | None = None) -> LocalWorkers:
+    """Workers for ``model`` (checkpoint from ``settings.models`` or the weight cache)."""
     devices = devices_for(settings, count)
     pool = LocalWorkers()
     try:
         if len(devices) == 1 and not isolate:
-            pool.workers.append(_start_thread(model, weights, settings, devices[0], context or zmq.Context.instance()))
+            pool.workers.append(_start_thread(model, settings, devices[0], context or zmq.Context.instance()))
             return pool
         pool._tmp = tempfile.mkdtemp(prefix="gpen-stream-")
         threads = settings.threads or (max(1, (os.cpu_count() or 1) // len(devices)) if devices[0] == "cpu" else 0)
         for i, device in enumerate(devices):
-            endpoint = f"ipc://{pool._tmp}/worker-{i}.sock"
-            pool.workers.append(_start_process(model, weights, settings, device, endpoint, threads, Path(pool._tmp)))
+            endpoint = _ipc_endpoint(Path(pool._tmp), i)
+            pool.workers.append(_start_process(model, settings, device, endpoint, threads,
+                                               Path(pool._tmp) / f"worker-{i}.log"))
     except BaseException:
         pool.stop()
         raise
     return pool
 
 
-def _start_thread(model: str, weights: Path | None, settings: WorkerSettings, device: str,
-                  context: zmq.Context) -> LocalWorker:
-    dev = resolve_device(device)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)  # process-wide: the worker thread shares the process
-    restorer = build_restorer(model, device=dev, dtype=resolve_dtype(settings.dtype, dev), weights=weights)
-    worker = Worker({model: restorer}, batch=settings.batch, batch_wait_ms=settings.batch_wait_ms,
-                    credits=settings.credits, device=str(dev), context=context,
-                    blender=TemporalBlender(settings.blend_max, settings.blend_sigma))
+def _ipc_endpoint(folder: Path, index: int) -> str:
+    """A local socket for worker ``index``: on Linux in the abstract namespace (no file, and no
+    107-byte limit on the path of a deep TMPDIR), elsewhere a socket file in ``folder``."""
+    if sys.platform.startswith("linux"):
+        return f"ipc://@gpen-stream-{os.getpid()}-{uuid.uuid4().hex[:12]}-{index}"
+    return f"ipc://{folder}/worker-{index}.sock"
+
+
+def _start_thread(model: str, settings: WorkerSettings, device: str, context: zmq.Context) -> LocalWorker:
+    worker = build_worker([model], settings, device=device, context=context)
     endpoint = worker.bind(f"inproc://gpen-worker-{uuid.uuid4().hex}")
     thread = threading.Thread(target=worker.serve, name="worker", daemon=True)
     thread.start()
@@ -101,17 +102,17 @@ def _start_thread(model: str, weights: Path | None, settings: WorkerSettings, de
     return LocalWorker(endpoint, thread.is_alive, describe, stop)
 
 
-def _start_process(model: str, weights: Path | None, settings: WorkerSettings, device: str, endpoint: str,
-                   threads: int, tmp: Path) -> LocalWorker:
+def _start_process(model: str, settings: WorkerSettings, device: str, endpoint: str, threads: int,
+                   log_path: Path) -> LocalWorker:
     env = dict(os.environ)
     values = settings.model_dump(mode="json") | {"device": device, "threads": threads, "endpoint": endpoint}
     for key, value in values.items():
-        env[f"GPEN_STREAM_WORKER_{key.upper()}"] = json.dumps(value) if isinstance(value, (dict, list)) else (
-            "" if value is None else str(value))
+        name = f"GPEN_STREAM_WORKER_{key.upper()}"
+        if value is None:  # unset (an empty string would read as "" or Path("."))
+            env.pop(name, None)
+        else:
+            env[name] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     cmd = [sys.executable, "-m", "streamer", "worker", "--model", model, "--parent-pid", str(os.getpid())]
-    if weights is not None:
-        cmd += ["--weights", str(weights)]
-    log_path = tmp / f"{Path(endpoint).stem}.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
 

@@ -5,13 +5,17 @@ in, the same shape out. Also where model names, crop sizes, devices and dtypes a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from configs.errors import InputError
 from gpen.checkpoint import RELEASED_CONFIGS
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +25,7 @@ GPEN_SIZES = {name: cfg.size for name, cfg in RELEASED_CONFIGS.items()}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(InputError):
     """The model cannot be served here (unknown name, missing or bad weights)."""
 
 
@@ -45,10 +49,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def needs_weights(model: str) -> bool:
+    """False for the diagnostic restorers (identity, stand-ins), which have no checkpoint."""
+    return model != IDENTITY and not STANDIN.match(model)
+
+
 def crop_size(model: str, weights: str | Path | None = None) -> int:
     """The aligned crop size a model takes."""
     if model == IDENTITY:
         return IDENTITY_SIZE
+    if standin := STANDIN.match(model):
+        return int(standin[3])
     if weights is not None:
         from gpen.checkpoint import infer_config, read_state_dict
 
@@ -62,10 +73,47 @@ def crop_size(model: str, weights: str | Path | None = None) -> int:
 class Restorer:
     name: str
     size: int
+    max_batch: int | None = field(default=None, init=False)  # lowered after an out-of-memory error
+    device = torch.device("cpu")  # where restore_on_device leaves its outputs
+    dtype = torch.float32  # what they are held in
 
     def restore(self, crops: np.ndarray) -> np.ndarray:
         """crops: N x S x S x 3 uint8 RGB -> same shape and dtype."""
         raise NotImplementedError
+
+    def restore_on_device(self, crops: np.ndarray) -> torch.Tensor:
+        """``restore`` with the outputs left on ``device`` for the work that follows there
+        (temporal blending): N x S x S x 3, uint8 or ``dtype`` holding whole numbers 0..255."""
+        return torch.from_numpy(self.restore(crops))
+
+    def weights_bytes(self) -> int:
+        """Memory its weights take on the device (0 for restorers without any)."""
+        return 0
+
+    def run(self, crops: np.ndarray, *, on_device: bool = False) -> np.ndarray | torch.Tensor:
+        """``restore`` in chunks of at most ``max_batch``; an out-of-memory error halves the
+        chunk and the same crops are tried again (none is lost, the job goes on), down to one
+        crop at a time. The smaller batch is kept from then on. ``on_device``: the outputs of
+        ``restore_on_device``, joined on the device."""
+        restore = self.restore_on_device if on_device else self.restore
+        step = min(len(crops), self.max_batch or len(crops))
+        out, start = [], 0
+        while start < len(crops):
+            try:
+                out.append(restore(crops[start:start + step]))
+                start += step
+            except torch.OutOfMemoryError:
+                if step == 1:
+                    raise
+                step = max(1, step // 2)
+                self.max_batch = step
+                metrics.OOM_RETRIES.labels(model=self.name).inc()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # give the failed batch's blocks back before the retry
+                log.warning("out of memory: %s batch reduced to %d; the same crops again", self.name, step)
+        if len(out) == 1:
+            return out[0]
+        return torch.cat(out) if on_device else np.concatenate(out)
 
 
 class IdentityRestorer(Restorer):
@@ -73,6 +121,23 @@ class IdentityRestorer(Restorer):
 
     def restore(self, crops: np.ndarray) -> np.ndarray:
         return crops.copy()
+
+
+class StandInRestorer(IdentityRestorer):
+    """Identity that takes as long as a GPU would: ``base_ms`` per call plus ``per_crop_ms`` per
+    crop, spent sleeping (so it costs no CPU). Named ``standin-<base>+<per crop>ms-<size>px``,
+    e.g. ``standin-8+2ms-128px``: for benchmarks of scheduling and scaling, and for tests."""
+
+    def __init__(self, name: str, size: int, base_ms: float, per_crop_ms: float):
+        super().__init__(name, size)
+        self.base_s, self.per_crop_s = base_ms / 1000, per_crop_ms / 1000
+
+    def restore(self, crops: np.ndarray) -> np.ndarray:
+        time.sleep(self.base_s + self.per_crop_s * len(crops))
+        return crops.copy()
+
+
+STANDIN = re.compile(r"^standin-(\d+(?:\.\d+)?)\+(\d+(?:\.\d+)?)ms-(\d+)px$")
 
 
 class GPENRestorer(Restorer):
@@ -85,31 +150,22 @@ class GPENRestorer(Restorer):
             raise ModelUnavailable(f"{name}: {exc}") from None
         super().__init__(name, self.model.config.size)
         self.device, self.dtype = device, dtype
-        self.max_batch: int | None = None  # lowered after an out-of-memory error
+
+    def weights_bytes(self) -> int:
+        from workers.budget import weights_bytes
+
+        return weights_bytes(self.model)
+
+    def restore(self, crops: np.ndarray) -> np.ndarray:
+        return self.restore_on_device(crops).to(torch.uint8).contiguous().cpu().numpy()
 
     @torch.inference_mode()
-    def restore(self, crops: np.ndarray) -> np.ndarray:
-        step = min(len(crops), self.max_batch or len(crops))
-        out, start = [], 0
-        while start < len(crops):
-            try:
-                out.append(self._forward(crops[start:start + step]))
-                start += step
-            except torch.OutOfMemoryError:
-                if step == 1:
-                    raise
-                step = max(1, step // 2)
-                self.max_batch = step
-                torch.cuda.empty_cache()
-                log.warning("out of memory: %s batch reduced to %d", self.name, step)
-        return np.concatenate(out)
-
-    def _forward(self, crops: np.ndarray) -> np.ndarray:
+    def restore_on_device(self, crops: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(crops).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).to(self.dtype) * (2 / 255) - 1  # uint8 RGB -> [-1, 1]
         y = self.model(x)
-        y = ((y.float().clamp_(-1, 1) + 1) * 127.5).round_().to(torch.uint8)  # rounds; GPEN truncates
-        return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        y = ((y.float().clamp_(-1, 1) + 1) * 127.5).round_()  # rounds; GPEN truncates
+        return y.to(self.dtype).permute(0, 2, 3, 1)  # whole numbers 0..255: exact in 16-bit floats too
 
 
 def build_restorer(model: str, *, device: torch.device, dtype: torch.dtype,
@@ -117,6 +173,8 @@ def build_restorer(model: str, *, device: torch.device, dtype: torch.dtype,
     """The restorer for ``model``; GPEN weights come from ``weights`` or the weight cache."""
     if model == IDENTITY:
         return IdentityRestorer(IDENTITY, IDENTITY_SIZE)
+    if standin := STANDIN.match(model):
+        return StandInRestorer(model, int(standin[3]), float(standin[1]), float(standin[2]))
     if weights is None and model not in GPEN_SIZES:
         raise _unknown(model)
     from gpen.weights import WeightsError, locate

@@ -13,7 +13,13 @@ Flow (decoder = DEALER, worker = ROUTER):
   worker  -> decoder  result      the restored crop (+ pixels); returns one credit
   worker  -> decoder  error       a crop it could not restore (returns one credit)
   decoder -> worker   end_track   forget a track's temporal state
+  decoder -> worker   ping        "still here" (once a second); a worker forgets a decoder
+                                  that went silent, with its temporal state
   decoder -> worker   bye         this decoder is done; forget its state
+
+A worker restores crops only for decoders that said hello (and so were granted credits); a
+crop from a decoder it does not know (it restarted, or forgot a silent decoder) comes back as
+an error with ``retry`` set: say hello again and re-send it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ PROTOCOL_VERSION = 1
 MAX_CROP_SIZE = 2048
 MAX_MESSAGE_BYTES = MAX_CROP_SIZE * MAX_CROP_SIZE * 3 + 65536  # larger message parts are refused unread
 TEMPORAL_MODES = ("off", "landmarks", "full")
+HEARTBEAT_S = 1.0  # workers send credit(0), decoders send ping, this often
+PEER_TIMEOUT_S = 30.0  # a worker forgets a decoder it has not heard from for this long
 
 
 class _Message(BaseModel):
@@ -95,6 +103,7 @@ class Error(_Message):
     face: int
     reason: str
     worker: str = ""
+    retry: bool = False  # nothing wrong with the crop: greet the worker again and re-send it
 
 
 class EndTrack(_Message):
@@ -103,12 +112,17 @@ class EndTrack(_Message):
     track: int
 
 
+class Ping(_Message):
+    kind: Literal["ping"] = "ping"
+    job: str
+
+
 class Bye(_Message):
     kind: Literal["bye"] = "bye"
     job: str
 
 
-Message = Annotated[Union[Hello, Credit, Crop, Result, Error, EndTrack, Bye], Field(discriminator="kind")]
+Message = Annotated[Union[Hello, Credit, Crop, Result, Error, EndTrack, Ping, Bye], Field(discriminator="kind")]
 _ADAPTER: TypeAdapter = TypeAdapter(Message)
 WITH_PIXELS = (Crop, Result)
 

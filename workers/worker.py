@@ -10,13 +10,16 @@ finish the crops it already holds, then exit.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import zmq
 
 from workers import metrics, wire
@@ -25,7 +28,16 @@ from workers.temporal import TemporalBlender
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 1.0
+def single_torch_thread() -> None:
+    """Makes torch run the calling thread's CPU work on that one thread (the blend thread's
+    initializer). Its many small ops gain little from OpenMP, and on cores shared with the model
+    or with decoders each of them can wait a scheduler tick for a helper thread. torch gives a
+    thread its count from the process-wide default on first use, so that comes first; setting
+    this thread's count also sets that default, which the caller must put back."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 DRAIN_QUIET_S = 0.5  # after a stop request, keep serving until nothing arrived for this long
 DRAIN_MAX_S = 60.0
 
@@ -38,10 +50,21 @@ class _Pending:
     arrived: float
 
 
+@dataclass
+class _Batch:
+    """Crops on their way through the model thread, then the blend thread; their tracks are held
+    in the blender until replied."""
+    restorer: Restorer
+    items: list[_Pending]
+    keys: list[tuple]  # (peer, job, track) per crop
+    modelled: Future  # the model thread is done with it: -> (input crops, restored crops)
+    outcome: Future  # the blend thread is done with it: -> (N x S x S x 3 uint8 outputs, {index: why it failed})
+
+
 class Worker:
     def __init__(self, restorers: dict[str, Restorer], *, batch: int, batch_wait_ms: float, blender: TemporalBlender,
                  credits: int = 0, device: str = "cpu", context: zmq.Context | None = None,
-                 worker_id: str | None = None):
+                 worker_id: str | None = None, peer_timeout_s: float = wire.PEER_TIMEOUT_S):
         self.restorers = restorers
         self.batch = batch
         self.batch_wait = batch_wait_ms / 1000
@@ -56,11 +79,25 @@ class Worker:
         self.endpoint: str | None = None
         self.stop_event = threading.Event()
         self._pending: dict[str, deque[_Pending]] = {name: deque() for name in restorers}
-        self._peers: set[bytes] = set()  # decoders that said hello and not yet bye
+        self._peers: dict[bytes, float] = {}  # decoders that said hello and not yet bye -> last heard
+        self.peer_timeout_s = peer_timeout_s
         self._in_flight: dict[bytes, int] = {}  # crops held per decoder, at most the credits granted
         self._ending: set[tuple] = set()  # tracks to forget once their queued crops are done
         self._last_heartbeat = 0.0
         self.error: BaseException | None = None  # why serve() stopped, if it failed
+        self.restored = 0  # crops sent back restored, in all
+        # a batch goes through the model in one thread and is blended in another, so the model
+        # takes the next batch while the last is blended, and this thread receives and decodes
+        # meanwhile; each stage wakes this thread's poll when it is done with a batch
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        threads = torch.get_num_threads()
+        self._blend_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blend",
+                                                initializer=single_torch_thread)
+        self._blend_thread.submit(lambda: None).result()  # its initializer has run...
+        torch.set_num_threads(threads)  # ...and changed the process-wide default: put it back
+        self._batches: deque[_Batch] = deque()  # oldest first
+        self._wake, self._woken = socket.socketpair()
+        self._woken.setblocking(False)
 
     def bind(self, endpoint: str) -> str:
         """Bind and return the actual endpoint (tcp://host:0 picks a free port)."""
@@ -73,6 +110,7 @@ class Worker:
         the wire) are restored and returned, until the socket has been quiet a moment."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._woken, zmq.POLLIN)  # the model thread finished a batch
         log.info("worker %s serving %s on %s (%s)", self.id, ", ".join(self.restorers), self.endpoint, self.device)
         try:
             self._serve(poller)
@@ -81,7 +119,11 @@ class Worker:
             log.exception("worker %s failed", self.id)
             raise
         finally:
+            self._model_thread.shutdown(wait=True)  # batches still in the model and the blender end first
+            self._blend_thread.shutdown(wait=True)
             self.socket.close()
+            self._wake.close()
+            self._woken.close()
             log.info("worker %s stopped", self.id)
 
     def _serve(self, poller: zmq.Poller) -> None:
@@ -94,7 +136,7 @@ class Worker:
         give_up = time.monotonic() + DRAIN_MAX_S
         quiet_until = time.monotonic() + DRAIN_QUIET_S
         while time.monotonic() < min(quiet_until, give_up):
-            if poller.poll(50 if self._peers else 0):
+            if self.socket in dict(poller.poll(50 if self._peers else 0)):
                 self._drain()
                 quiet_until = time.monotonic() + DRAIN_QUIET_S
             self._run_ready_batches(flush=True)
@@ -104,6 +146,8 @@ class Worker:
     # ------------------------------------------------------------------ receive
 
     def _poll_timeout_ms(self) -> int:
+        if self._batches and not self._batches[-1].modelled.done():
+            return 100  # no batch can start before the model is done, and that wakes the poll
         oldest = min((q[0].arrived for q in self._pending.values() if q), default=None)
         if oldest is None:
             return 100
@@ -122,46 +166,77 @@ class Worker:
                 metrics.WIRE_INVALID.labels(side="worker").inc()
                 log.warning("dropped an invalid message from %s: %s", peer.hex(), exc)
                 continue
+            if peer in self._peers:
+                self._peers[peer] = time.monotonic()
             self._handle(peer, header, pixels)
 
     def _handle(self, peer: bytes, header, pixels) -> None:
         if isinstance(header, wire.Hello):
-            self._peers.add(peer)
-            self._send(peer, self._credit(self.window))
+            self._peers[peer] = time.monotonic()
+            self._send(peer, self._credit(self.window - self._in_flight.get(peer, 0)))
         elif isinstance(header, wire.Crop):
-            reason = None
-            if header.model not in self.restorers or self.restorers[header.model].size != header.size:
-                reason = (f"model {header.model} at {header.size}px is not served here "
-                          f"(serving {', '.join(self.restorers)})")
-            elif self._in_flight.get(peer, 0) >= self.window:
-                reason = f"more crops than the {self.window} credits granted"
-            if reason is not None:
-                self._send(peer, wire.Error(job=header.job, frame=header.frame, track=header.track, face=header.face,
-                                            reason=reason, worker=self.id))
-                return
-            self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
-            self._pending[header.model].append(_Pending(peer, header, pixels, time.monotonic()))
+            self._accept_crop(peer, header, pixels)
         elif isinstance(header, wire.EndTrack):
             key = (peer, header.job, header.track)
             if any(key == (p.peer, p.crop.job, p.crop.track) for q in self._pending.values() for p in q):
                 self._ending.add(key)  # crops of the track still queued: forget it after them
             else:
                 self.blender.drop(key)
+        elif isinstance(header, wire.Ping):
+            pass  # being heard is the point (see _drain)
         elif isinstance(header, wire.Bye):
-            self.blender.drop((peer, header.job))
-            self._peers.discard(peer)
-            self._in_flight.pop(peer, None)
+            self._forget_peer(peer)
         else:
             metrics.WIRE_INVALID.labels(side="worker").inc()
             log.warning("unexpected %s message from %s", header.kind, peer.hex())
+
+    def _accept_crop(self, peer: bytes, crop: wire.Crop, pixels: np.ndarray) -> None:
+        reason, retry = None, False
+        if peer not in self._peers:  # never greeted, or forgotten after going silent: no credits granted
+            reason, retry = "this worker does not know the decoder (no hello, or it went silent)", True
+        elif crop.model not in self.restorers or self.restorers[crop.model].size != crop.size:
+            reason = f"model {crop.model} at {crop.size}px is not served here (serving {', '.join(self.restorers)})"
+        elif self._in_flight.get(peer, 0) >= self.window:
+            reason = f"more crops than the {self.window} credits granted"
+        if reason is not None:
+            self._send(peer, wire.Error(job=crop.job, frame=crop.frame, track=crop.track, face=crop.face,
+                                        reason=reason, worker=self.id, retry=retry))
+            return
+        self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
+        self._pending[crop.model].append(_Pending(peer, crop, pixels, time.monotonic()))
+
+    def _forget_peer(self, peer: bytes) -> None:
+        """Drop everything a decoder left here: its temporal state, queued crops and credits."""
+        self.blender.drop((peer,))
+        self._peers.pop(peer, None)
+        self._in_flight.pop(peer, None)
+        for queue in self._pending.values():
+            kept = [p for p in queue if p.peer != peer]
+            queue.clear()
+            queue.extend(kept)
+        self._ending = {key for key in self._ending if key[0] != peer}
+
+    def _expire_silent_peers(self, now: float) -> None:
+        for peer, heard in list(self._peers.items()):
+            if now - heard > self.peer_timeout_s:
+                log.warning("decoder %s silent for %.0f s: forgetting it and its state", peer.hex(), now - heard)
+                metrics.PEERS_EXPIRED.inc()
+                self._forget_peer(peer)
+
+    def status(self) -> dict:
+        """What the registry publishes about this worker (read from another thread: plain reads)."""
+        queued = sum(len(q) for q in self._pending.values())
+        return {"models": list(self.restorers), "loaded": list(self.restorers), "batch": self.batch,
+                "credits": self.window, "load": queued + sum(self._in_flight.values()), "restored": self.restored}
 
     def _credit(self, credits: int) -> wire.Credit:
         return wire.Credit(worker=self.id, credits=credits, models=tuple(self.restorers), device=self.device)
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
-        if now - self._last_heartbeat >= HEARTBEAT_S:
+        if now - self._last_heartbeat >= wire.HEARTBEAT_S:
             self._last_heartbeat = now
+            self._expire_silent_peers(now)
             for peer in self._peers:
                 self._send(peer, self._credit(0))
 
@@ -171,46 +246,111 @@ class Worker:
     # ------------------------------------------------------------------ restore
 
     def _run_ready_batches(self, *, flush: bool) -> None:
-        now = time.monotonic()
-        for name, queue in self._pending.items():
-            while queue and (flush or len(queue) >= self.batch or now - queue[0].arrived >= self.batch_wait):
-                items = [queue.popleft() for _ in range(min(self.batch, len(queue)))]
-                self._restore(self.restorers[name], items)
-                now = time.monotonic()
+        """The model thread takes the next ready batch as soon as it is free; replies go out, in
+        order, for the batches the blend thread is done with. ``flush``: return only once
+        everything queued has been restored and replied."""
+        while True:
+            self._clear_wake()
+            if not self._batches or self._batches[-1].modelled.done():
+                batch = self._start_next(flush)
+                if batch is not None:
+                    self._batches.append(batch)
+            while self._batches and (flush or self._batches[0].outcome.done()):
+                self._finish(self._batches.popleft())
+            if not flush or (not self._batches and not any(self._pending.values())):
+                return
 
-    def _restore(self, restorer: Restorer, items: list[_Pending]) -> None:
-        now = time.time()
-        late = [p for p in items if p.crop.deadline is not None and p.crop.deadline < now]
-        items = [p for p in items if p not in late]
-        for p in late:
-            self._send_error(p, "deadline passed before the crop was restored")
-        if not items:
-            return
-        started = time.perf_counter()
+    def _clear_wake(self) -> None:
         try:
-            restored = restorer.restore(np.stack([p.pixels for p in items]))
-        except Exception as exc:  # a failing batch must not take the worker down
-            log.exception("restoring a batch of %d failed", len(items))
-            for p in items:
-                self._send_error(p, f"{type(exc).__name__}: {exc}")
-            return
+            while self._woken.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _start_next(self, flush: bool) -> _Batch | None:
+        """The ready queue whose oldest crop waited longest: up to ``batch`` of its crops go to
+        the model thread (those past their deadline are answered here instead)."""
+        while True:
+            now = time.monotonic()
+            ready = [(q[0].arrived, name) for name, q in self._pending.items()
+                     if q and (flush or len(q) >= self.batch or now - q[0].arrived >= self.batch_wait)]
+            if not ready:
+                return None
+            name = min(ready)[1]
+            queue = self._pending[name]
+            items, late = [], []
+            wall = time.time()
+            for p in [queue.popleft() for _ in range(min(self.batch, len(queue)))]:
+                (late if p.crop.deadline is not None and p.crop.deadline < wall else items).append(p)
+            for p in late:
+                self._send_error(p, "deadline passed before the crop was restored")
+            if items:
+                break
+        restorer = self.restorers[name]
+        keys = [(p.peer, p.crop.job, p.crop.track) for p in items]
+        self.blender.hold(keys)  # an end of track or bye arriving meanwhile waits for these crops
+        modelled = self._model_thread.submit(self._run_model, restorer, [p.pixels for p in items])
+        outcome = self._blend_thread.submit(self._blend, restorer, [p.crop for p in items], keys, modelled)
+        for stage in (modelled, outcome):
+            stage.add_done_callback(lambda _: self._wake.send(b"\0"))
+        return _Batch(restorer, items, keys, modelled, outcome)
+
+    @staticmethod
+    def _run_model(restorer: Restorer, pixels: list[np.ndarray]) -> tuple[np.ndarray, torch.Tensor]:
+        """In the model thread: the input crops (host) and the restored ones (on the model's device)."""
+        batch = np.stack(pixels)
+        started = time.perf_counter()
+        restored = restorer.run(batch, on_device=True)
         metrics.MODEL_SECONDS.labels(model=restorer.name).observe(time.perf_counter() - started)
-        metrics.CROPS_RESTORED.labels(model=restorer.name).inc(len(items))
-        for p, out in zip(items, restored):
-            c = p.crop
-            key = (p.peer, c.job, c.track)
+        return batch, restored
+
+    def _blend(self, restorer: Restorer, crops: list[wire.Crop], keys: list[tuple],
+               modelled: Future) -> tuple[np.ndarray, dict[int, str]]:
+        """In the blend thread, once the model is done with the batch (its error is this one's):
+        one temporal blend for all the crops that ask for it, on the model's device. Returns the
+        uint8 outputs and, for crops that failed, why."""
+        batch, restored = modelled.result()
+        outputs = restored.to(torch.uint8)  # whole numbers already
+        full = [i for i, c in enumerate(crops) if c.temporal == "full"]
+        for i, c in enumerate(crops):
+            if c.temporal != "full":
+                self.blender.drop(keys[i])
+        failed = {}
+        if full:
             try:
-                if c.temporal == "full":
-                    out = self.blender.blend(key, c.frame, c.affine, p.pixels, out, reset=c.reset)
-                else:
-                    self.blender.drop(key)
-            except Exception as exc:  # one crop's blending must not take the worker down
-                log.exception("temporal blending failed for frame %d track %d", c.frame, c.track)
-                self._send_error(p, f"temporal blending failed: {type(exc).__name__}: {exc}")
-                continue
-            result = wire.Result(job=c.job, frame=c.frame, track=c.track, face=c.face, model=c.model,
-                                 size=c.size, shape=c.shape, worker=self.id)
-            self._reply(p, result, out)
+                blended = self.blender.blend_batch(
+                    [keys[i] for i in full], [crops[i].frame for i in full], [crops[i].affine for i in full],
+                    torch.from_numpy(batch if len(full) == len(crops) else batch[full]).to(restored.device),
+                    restored[full], [crops[i].reset for i in full], run_dtype=restorer.dtype)
+                outputs = blended if len(full) == len(crops) else outputs.index_copy(
+                    0, torch.tensor(full, device=outputs.device), blended)
+            except Exception as exc:  # blending must not take the worker down, nor the other crops
+                log.exception("temporal blending failed for a batch of %d crops", len(full))
+                for i in full:
+                    self.blender.drop(keys[i])
+                    failed[i] = f"temporal blending failed: {type(exc).__name__}: {exc}"
+        return outputs.contiguous().cpu().numpy(), failed  # HWC per crop, as the wire sends it
+
+    def _finish(self, batch: _Batch) -> None:
+        """Reply for a batch the model thread is done with (waiting for it if need be)."""
+        try:
+            outputs, failed = batch.outcome.result()
+        except Exception as exc:  # a failing batch must not take the worker down
+            log.exception("restoring a batch of %d failed", len(batch.items))
+            outputs, failed = None, {i: f"{type(exc).__name__}: {exc}" for i in range(len(batch.items))}
+        else:
+            metrics.CROPS_RESTORED.labels(model=batch.restorer.name).inc(len(batch.items))
+        for i, p in enumerate(batch.items):
+            if p.peer not in self._peers:
+                continue  # its decoder left (bye, or silence) while the crop was in the model
+            c = p.crop
+            if i in failed:
+                self._send_error(p, failed[i])
+            else:
+                result = wire.Result(job=c.job, frame=c.frame, track=c.track, face=c.face, model=c.model,
+                                     size=c.size, shape=c.shape, worker=self.id)
+                self._reply(p, result, outputs[i])
+        self.blender.release(batch.keys)
         for key in [k for k in self._ending if not any(
                 k == (p.peer, p.crop.job, p.crop.track) for q in self._pending.values() for p in q)]:
             self._ending.discard(key)
@@ -218,6 +358,7 @@ class Worker:
 
     def _reply(self, p: _Pending, header, pixels: np.ndarray | None = None) -> None:
         self._in_flight[p.peer] = max(0, self._in_flight.get(p.peer, 0) - 1)
+        self.restored += isinstance(header, wire.Result)
         self._send(p.peer, header, pixels)
 
     def _send_error(self, p: _Pending, reason: str) -> None:

@@ -27,29 +27,34 @@ class FacesFileError(InputError):
     """The faces file is unreadable or malformed; the message names the line."""
 
 
+def _numbers(value, where: str, what: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
+        raise FacesFileError(f"{where}: {what} must be numbers") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not frame 1
+
 
 def _parse_face(obj, where: str) -> Face:
     if not isinstance(obj, dict) or "landmarks" not in obj:
         raise FacesFileError(f"{where}: each face needs 'landmarks' (5 [x, y] pairs)")
-    try:
-        lm = np.asarray(obj["landmarks"], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise FacesFileError(f"{where}: landmarks must be numbers") from None
+    lm = _numbers(obj["landmarks"], where, "landmarks")
     if lm.shape != (5, 2) or not np.all(np.isfinite(lm)):
         raise FacesFileError(f"{where}: landmarks must be 5 finite [x, y] pairs, got shape {lm.shape}")
     if "box" in obj:
-        try:
-            box = np.asarray(obj["box"], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise FacesFileError(f"{where}: box must be numbers") from None
+        box = _numbers(obj["box"], where, "box")
         if box.shape != (4,) or not np.all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
             raise FacesFileError(f"{where}: box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
     else:
         box = box_from_landmarks(lm)
     score = obj.get("score", 1.0)
     track = obj.get("track", -1)
-    if not isinstance(score, (int, float)) or not isinstance(track, int):
-        raise FacesFileError(f"{where}: score must be a number and track an integer")
+    score = _numbers(score, where, "score") if _is_int(score) or isinstance(score, float) else None
+    if score is None or score.ndim or not np.isfinite(score) or not _is_int(track):
+        raise FacesFileError(f"{where}: score must be a finite number and track an integer")
     return Face(lm, box, float(score), track)
 
 
@@ -57,19 +62,27 @@ def read_faces_file(path: str | Path) -> dict[int, list[Face]]:
     """Frame index -> faces, in displayed-frame coordinates."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
         raise FacesFileError(f"cannot read faces file {path}: {exc}") from None
     frames: dict[int, list[Face]] = {}
-    for number, line in enumerate(lines, 1):
+    # JSON Lines ends lines at "\n" only: str.splitlines() would also split at characters a JSON
+    # string may hold raw (form feed, U+2028, ...), rejecting a valid file with wrong line numbers.
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FacesFileError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise FacesFileError(f"{where}: not JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("frame"), int) or obj["frame"] < 0:
+        except RecursionError:
+            raise FacesFileError(f"{where}: JSON nested too deeply") from None
+        if not isinstance(obj, dict) or not _is_int(obj.get("frame")) or obj["frame"] < 0:
             raise FacesFileError(f"{where}: expected {{\"frame\": <index >= 0>, \"faces\": [...]}}")
         faces = obj.get("faces", [])
         if not isinstance(faces, list):

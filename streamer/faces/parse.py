@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import torch
 
+from configs.errors import InputError
 from gpen.checkpoint import CheckpointError, read_state_dict
 from gpen.weights import WeightsError, locate
 
@@ -29,7 +30,7 @@ BORDER_AT_512 = 26
 SIGMA_AT_512 = 4.0
 
 
-class ParserUnavailable(RuntimeError):
+class ParserUnavailable(InputError):
     """The parsing network cannot run (missing or bad weights)."""
 
 

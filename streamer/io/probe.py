@@ -21,7 +21,23 @@ from streamer.io.yuv import PLANAR_YUV
 
 log = logging.getLogger(__name__)
 
+# Demuxers a file job may not use: playlists and sequences open other files (even FIFOs, or
+# anything a playlist names), and single images are not videos. They are kept out with
+# FFmpeg's own format_whitelist, so they are refused before they read anything.
 REFUSED_DEMUXERS = {"hls", "applehttp", "concat", "dash", "image2", "image2pipe", "ffconcat"}
+# What the refused files start with, to say what they are.
+SIGNATURES = ((b"#EXTM3U", "an HLS playlist"), (b"ffconcat", "an FFmpeg concat list"),
+              (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+              (b"BM", "a BMP image"), (b"RIFF", "a RIFF file (WebP image or WAV audio)"))
+
+
+def _allowed_demuxers() -> str:
+    names = [n for n in av.formats_available if av.format.ContainerFormat(n).is_input and n not in REFUSED_DEMUXERS
+             and not n.endswith("_pipe")]
+    return ",".join(sorted(names))
+
+
+_ALLOWED_DEMUXERS = _allowed_demuxers()
 
 
 class MediaError(InputError):
@@ -33,7 +49,10 @@ AVCOL_SPC_RGB, AVCOL_SPC_BT709 = 0, 1
 
 @dataclass(frozen=True)
 class VideoInfo:
-    path: Path
+    """What a source says about its video stream; everything a sink needs to write the same."""
+
+    name: str  # the file's path or the stream's URL (without credentials), for messages
+    container: str  # FFmpeg's demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"
     stream_index: int
     width: int
     height: int
@@ -42,9 +61,10 @@ class VideoInfo:
     codec: str
     time_base: Fraction
     rate: Fraction | None
-    frames: int  # from the container index; 0 if unknown
+    frames: int  # from the container index (edit lists not applied); 0 if unknown
     duration_s: float | None  # the video stream's, else the container's (for progress)
     stream_duration_s: float | None  # the video stream's own, if the container records it
+    container_duration_s: float | None  # the whole file's (audio may outlast the video)
     start_s: float  # the video stream's start time
     rotation: int  # degrees counter-clockwise, from the display matrix
     colorspace: int
@@ -52,6 +72,7 @@ class VideoInfo:
     color_primaries: int
     color_trc: int
     sample_aspect: Fraction | None
+    field_order: int = 0  # AVFieldOrder: 0 unknown, 1 progressive, 2.. interlaced (tt, bb, tb, bt)
 
     @property
     def rotation_steps(self) -> int:
@@ -97,15 +118,17 @@ def open_input(path: str | Path) -> av.container.InputContainer:
     if not os.access(path, os.R_OK):
         raise MediaError(f"input is not readable: {path}")
     try:
-        container = av.open(ffmpeg_url(path), options={"protocol_whitelist": "file"})
+        container = av.open(ffmpeg_url(path), options={"protocol_whitelist": "file",
+                                                        "format_whitelist": _ALLOWED_DEMUXERS})
     except (av.error.FFmpegError, UnicodeDecodeError) as exc:
-        detail = "empty file" if path.stat().st_size == 0 else str(exc).split(";")[0]
+        if path.stat().st_size == 0:
+            raise MediaError(f"{path} is not a readable video file: empty file") from None
+        what = _what_it_is(path)
+        if what is not None:
+            raise MediaError(f"{path} is {what}, not a video file; give gpen-stream the video itself "
+                             "(playlists, lists and images are refused)") from None
         raise MediaError(f"{path} is not a readable video file (truncated, corrupt or another format): "
-                         f"{detail}") from None
-    if container.format.name in REFUSED_DEMUXERS or container.format.name.split(",")[0] in REFUSED_DEMUXERS:
-        container.close()
-        raise MediaError(f"{path} is a {container.format.name} playlist/sequence, which may reference other "
-                         "files; give gpen-stream the media file itself")
+                         f"{str(exc).split(';')[0]}") from None
     if video_stream(container) is None:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()
@@ -113,32 +136,60 @@ def open_input(path: str | Path) -> av.container.InputContainer:
     return container
 
 
+def _what_it_is(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if b"<MPD" in head:
+        return "a DASH manifest"
+    return next((what for magic, what in SIGNATURES if head.startswith(magic)), None)
+
+
 def probe(path: str | Path) -> VideoInfo:
     """Open ``path`` (with the file-job restrictions) and describe its first video stream."""
     with open_input(path) as container:
-        stream = video_stream(container)
-        cc = stream.codec_context
-        if not stream.width or not stream.height or cc.format is None:
-            raise MediaError(f"{path}: video stream has no usable size or pixel format")
-        stream_duration = None
-        if stream.duration is not None and stream.time_base:
-            stream_duration = float(stream.duration * stream.time_base)
-        duration = stream_duration
-        if duration is None and container.duration is not None:
-            duration = container.duration / av.time_base
-        try:  # the display matrix reaches us on decoded frames
-            rotation = int(round(next(container.decode(stream)).rotation or 0))
-        except (StopIteration, av.error.FFmpegError):
-            rotation = 0
-        return VideoInfo(
-            path=Path(path), stream_index=stream.index, width=stream.width, height=stream.height,
-            pix_fmt=cc.format.name, bits=max((c.bits for c in cc.format.components), default=8), codec=cc.name,
-            time_base=stream.time_base, rate=stream.average_rate or stream.guessed_rate, frames=stream.frames or 0,
-            duration_s=duration, stream_duration_s=stream_duration,
-            start_s=float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0,
-            rotation=rotation, colorspace=int(cc.colorspace), color_range=int(cc.color_range),
-            color_primaries=int(cc.color_primaries), color_trc=int(cc.color_trc),
-            sample_aspect=stream.sample_aspect_ratio)
+        return describe(container, str(path))
+
+
+def describe(container, name: str) -> VideoInfo:
+    """Describe the main video stream of an open container (reads its first frame for the
+    display rotation, which reaches us on decoded frames)."""
+    stream = video_stream(container)
+    cc = stream.codec_context
+    if not stream.width or not stream.height or cc.format is None:
+        raise MediaError(f"{name}: the video stream has no usable size or pixel format: the file is truncated or "
+                         "corrupt")
+    stream_duration = None
+    if stream.duration is not None and stream.time_base:
+        stream_duration = float(stream.duration * stream.time_base)
+    elif "DURATION" in stream.metadata:  # Matroska keeps per-stream durations as tags
+        stream_duration = _tag_seconds(stream.metadata["DURATION"])
+    container_duration = container.duration / av.time_base if container.duration is not None else None
+    try:
+        rotation = int(round(next(container.decode(stream)).rotation or 0))
+    except (StopIteration, av.error.FFmpegError):
+        rotation = 0
+    return VideoInfo(
+        name=name, container=container.format.name, stream_index=stream.index, width=stream.width, height=stream.height,
+        pix_fmt=cc.format.name, bits=max((c.bits for c in cc.format.components), default=8), codec=cc.name,
+        time_base=stream.time_base, rate=stream.average_rate or stream.guessed_rate, frames=stream.frames or 0,
+        duration_s=stream_duration or container_duration, stream_duration_s=stream_duration,
+        container_duration_s=container_duration,
+        start_s=float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0,
+        rotation=rotation, colorspace=int(cc.colorspace), color_range=int(cc.color_range),
+        color_primaries=int(cc.color_primaries), color_trc=int(cc.color_trc),
+        sample_aspect=stream.sample_aspect_ratio, field_order=int(cc.field_order or 0))
+
+
+def _tag_seconds(value: str) -> float | None:
+    """'HH:MM:SS.fraction' -> seconds (None if it is not that)."""
+    try:
+        h, m, sec = value.strip().split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return None
 
 
 def packet_offset_s(packet: av.Packet) -> float | None:

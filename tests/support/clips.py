@@ -6,6 +6,10 @@ image and its five landmarks are known exactly. Options add per-frame degradatio
 blur, JPEG, each drawn independently per frame), landmark jitter in the ``--faces`` file, a
 hand-like occluder, a scene cut to a different shot, an audio track, odd sizes, 10-bit pixels,
 rotation metadata and variable frame rate.
+
+Tracking clips (``make_tracking_clip``) put heads in front of a still photograph: the
+astronaut's head mapped on an ellipsoid, so it can turn like a real head (features sliding
+and foreshortening inside a fixed outline), rest, and enter or leave the frame.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Clip:
     landmarks: list[np.ndarray]  # true landmarks per frame (displayed coordinates)
     cut_at: int | None = None
     audio_packets: int = 0
+    heads: list[np.ndarray] | None = None  # tracking clips: each head's landmarks, (frames, 5, 2), in view or not
 
     @property
     def frames(self) -> int:
@@ -221,6 +226,165 @@ def _write_video(path: Path, frames: list[np.ndarray], pts: list[int], time_base
                 out.mux(packet)
                 n_audio += 1
     return n_audio
+
+
+# ---------------------------------------------------------------------- tracking clips
+
+HEAD_CENTRE, HEAD_AXES = np.array([227.0, 102.0]), (75.0, 82.0)  # the astronaut's head, hair included (photo px)
+HEAD_FEATHER_PX = 3.0  # soft edge of the head's outline (photo px)
+FACE_BOX_GROW = 1.2  # box_from_landmarks growth giving a RetinaFace-like face box (~2.2 eye distances wide)
+TURN_YAW_DEG = 40.0  # "turn": the head turns from this far one way to as far the other...
+TURN_FRAMES = 8  # ... in this many frames (a raised cosine: up to 16 degrees a frame), then holds as long
+TURN_SHIFT = 0.6  # turning, the face moves sideways (the head pivots on the neck): this * face_px * sin(yaw)
+TURN_ROLL_DEG = 8.0  # ... tilts up to this towards the side it turns to
+TURN_SCALE = 0.08  # ... and comes closer by up to this mid-turn
+SLIDE_FRAMES = 6  # a head entering or leaving crosses into or out of the frame in this many frames
+HEAD_MOTIONS = ("static", "turn")
+
+
+@dataclass
+class Head:
+    """One head of a tracking clip: the astronaut's head mapped on an ellipsoid, so that it
+    turns like a real head: its features slide sideways and foreshorten while its outline
+    stays, which a rigid flow model cannot follow."""
+
+    motion: str = "turn"  # "static"; "turn": turns side to side (yaw, shift, roll, scale), holding in between
+    anchor: tuple[float, float] = (0.5, 0.5)  # resting centre of the face, as fractions of the frame size
+    face_px: float = 160.0  # as in make_clip: eye distance 0.45 * face_px
+    start: int = 0  # the first turn starts at this frame (still before it)
+    enter: int | None = None  # slides in from beyond the left edge, arriving at this frame
+    leave: int | None = None  # slides out beyond the right edge from this frame
+
+
+def _yaw_landmarks(points: np.ndarray, yaw: float) -> np.ndarray:
+    """Photo points on the head ellipsoid (vertical axis through HEAD_CENTRE) turned by ``yaw``
+    radians, orthographic view: x = r sin(phi) -> r sin(phi + yaw), r the head's radius at that height."""
+    d = points - HEAD_CENTRE
+    r = HEAD_AXES[0] * np.sqrt(np.clip(1 - (d[:, 1] / HEAD_AXES[1]) ** 2, 1e-6, 1))
+    phi = np.arcsin(np.clip(d[:, 0] / r, -1, 1))
+    return np.stack([HEAD_CENTRE[0] + r * np.sin(phi + yaw), points[:, 1]], axis=1)
+
+
+def _unyaw(x: np.ndarray, y: np.ndarray, yaw: float) -> np.ndarray:
+    """Where in the photo a point of the turned head's image comes from (the inverse of
+    ``_yaw_landmarks``); beyond the photo's side of the head, its edge is stretched."""
+    dy = y - HEAD_CENTRE[1]
+    r = HEAD_AXES[0] * np.sqrt(np.clip(1 - (dy / HEAD_AXES[1]) ** 2, 1e-6, 1))
+    phi = np.clip(np.arcsin(np.clip((x - HEAD_CENTRE[0]) / r, -1, 1)) - yaw, -np.pi / 2, np.pi / 2)
+    return HEAD_CENTRE[0] + r * np.sin(phi)
+
+
+def _turn_profile(u: int) -> float:
+    """-1 (turned one way) .. 1 (the other) at frame u of a "turn": turns of TURN_FRAMES
+    frames (raised cosine) between holds of TURN_FRAMES frames, starting at u = 0."""
+    phase = max(u, 0) % (4 * TURN_FRAMES)
+    if phase < TURN_FRAMES:
+        return -np.cos(np.pi * phase / TURN_FRAMES)
+    if phase < 2 * TURN_FRAMES:
+        return 1.0
+    if phase < 3 * TURN_FRAMES:
+        return np.cos(np.pi * (phase - 2 * TURN_FRAMES) / TURN_FRAMES)
+    return -1.0
+
+
+def _head_pose(head: Head, t: int, width: int, height: int, base_scale: float) -> tuple[float, float, np.ndarray, float]:
+    """(scale factor, roll in degrees, face centre, yaw in radians) of ``head`` at frame t."""
+    if head.motion not in HEAD_MOTIONS:
+        raise ValueError(f"head motion must be one of {HEAD_MOTIONS}")
+    centre = np.array([head.anchor[0] * width, head.anchor[1] * height])
+    scale, roll, yaw = 1.0, 0.0, 0.0
+    if head.motion == "turn":
+        turned = _turn_profile(t - head.start)
+        yaw = np.deg2rad(TURN_YAW_DEG) * turned
+        centre[0] += TURN_SHIFT * head.face_px * np.sin(yaw)
+        roll, scale = TURN_ROLL_DEG * turned, 1.0 + TURN_SCALE * (1 - turned**2)
+    reach = HEAD_AXES[0] * base_scale * 1.2  # far enough for the whole head to be outside
+    if head.enter is not None and t < head.enter:
+        centre[0] -= (centre[0] + reach) * min(1.0, (head.enter - t) / SLIDE_FRAMES)
+    if head.leave is not None and t > head.leave:
+        centre[0] += (width - centre[0] + reach) * min(1.0, (t - head.leave) / SLIDE_FRAMES)
+    return scale, roll, centre, yaw
+
+
+def _draw_head(frame: np.ndarray, photo: np.ndarray, m: np.ndarray, yaw: float) -> None:
+    """Paint the head (photo -> frame by the similarity ``m``, turned by ``yaw``) onto ``frame``."""
+    h, w = frame.shape[:2]
+    (ax, ay), (cx, cy) = HEAD_AXES, HEAD_CENTRE
+    corners = np.array([[cx - ax, cy - ay], [cx + ax, cy - ay], [cx + ax, cy + ay], [cx - ax, cy + ay]])
+    spread = corners @ m[:, :2].T + m[:, 2]
+    x0, y0 = np.maximum(np.floor(spread.min(axis=0)).astype(int) - 1, 0)
+    x1, y1 = np.minimum(np.ceil(spread.max(axis=0)).astype(int) + 2, (w, h))
+    if x1 <= x0 or y1 <= y0:
+        return
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+    inv = cv2.invertAffineTransform(m)
+    px, py = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2], inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    # The outline of a head turning about its vertical axis does not change: alpha from the ellipse.
+    radius = np.sqrt(((px - cx) / ax) ** 2 + ((py - cy) / ay) ** 2)
+    alpha = np.clip((1 - radius) * min(ax, ay) / HEAD_FEATHER_PX, 0, 1)[:, :, None]
+    texture = cv2.remap(photo, _unyaw(px, py, yaw).astype(np.float32), py.astype(np.float32), cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REFLECT_101).astype(np.float64)
+    roi = frame[y0:y1, x0:x1].astype(np.float64)
+    frame[y0:y1, x0:x1] = np.clip(texture * alpha + roi * (1 - alpha) + 0.5, 0, 255).astype(np.uint8)
+
+
+def visible_fraction(box: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> float:
+    """The share of ``box``'s area inside the rectangle (x0, y0, x1, y1)."""
+    ix = max(0.0, min(box[2], x1) - max(box[0], x0))
+    iy = max(0.0, min(box[3], y1) - max(box[1], y0))
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return ix * iy / area if area > 0 else 0.0
+
+
+def make_tracking_clip(path: str | Path, heads: list[Head], *, frames: int = 30, width: int = 320,
+                       height: int = 240, fps: int = 25, noise: float = 0.0, codec: str = "libx264", crf: int = 0,
+                       seed: int = 0) -> Clip:
+    """Write a clip of ``heads`` in front of a still photograph (the rocket launch pad, whose
+    towers give optical flow corners that do not move with the face) and its ``--faces`` file
+    (faces at least half in the frame); return its ground truth: ``heads`` holds every head's
+    landmarks per frame, ``landmarks`` the first head's."""
+    from skimage import data
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    photo = astronaut()
+    background = cv2.resize(data.rocket(), (width, height), interpolation=cv2.INTER_AREA)
+    eye_dist = np.linalg.norm(ASTRONAUT_LANDMARKS[1] - ASTRONAUT_LANDMARKS[0])
+    face_centre = ASTRONAUT_LANDMARKS.mean(axis=0)
+    clean, tracks = [], [np.zeros((frames, 5, 2)) for _ in heads]
+    for t in range(frames):
+        frame = background.copy()
+        for head, track in zip(heads, tracks):
+            base_scale = head.face_px * 0.45 / eye_dist
+            scale, roll, centre, yaw = _head_pose(head, t, width, height, base_scale)
+            m = _similarity(base_scale * scale, roll, face_centre, centre)
+            _draw_head(frame, photo, m, yaw)
+            track[t] = _yaw_landmarks(ASTRONAUT_LANDMARKS, yaw) @ m[:, :2].T + m[:, 2]
+        clean.append(frame)
+
+    degraded = [_degrade(f, rng, noise, 0.0, None) for f in clean]
+    time_base = Fraction(1, fps * 512)
+    pts = [t * 512 for t in range(frames)]
+    pix_fmt = "yuv444p" if width % 2 or height % 2 else "yuv420p"
+    _write_video(path, degraded, pts, time_base, Fraction(fps), codec, crf, pix_fmt, 0, 0, False, False)
+
+    faces_path = path.with_name(path.name + ".faces.jsonl")
+    with open(faces_path, "w") as f:
+        for t in range(frames):
+            faces = []
+            for track in tracks:
+                box = box_from_landmarks(track[t], grow=FACE_BOX_GROW)
+                if visible_fraction(box, 0, 0, width, height) >= 0.5:
+                    faces.append({"landmarks": np.round(track[t], 3).tolist(), "box": np.round(box, 2).tolist(),
+                                  "score": 0.99})
+            f.write(json.dumps({"frame": t, "faces": faces}) + "\n")
+    return Clip(path, faces_path, width, height, Fraction(fps), pts, time_base, clean, [lm for lm in tracks[0]],
+                heads=tracks)
+
+
+def landmark_error(landmarks: np.ndarray, truth: np.ndarray) -> float:
+    """Mean distance of the five landmarks from the truth, in units of the true eye distance."""
+    return float(np.linalg.norm(landmarks - truth, axis=1).mean() / np.linalg.norm(truth[1] - truth[0]))
 
 
 # ---------------------------------------------------------------------- reading and measuring

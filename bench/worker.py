@@ -1,0 +1,190 @@
+"""A worker's throughput with temporal blending off vs full, and the blend's own cost, from one
+run.
+
+throughput  the real Worker (receive loop, model thread, blender) in a thread, serving a stand-in
+            model that sleeps a fixed time per face (so, like a GPU, it leaves the CPU to the
+            rest), fed over inproc:// by a client that keeps every credit in use: 8 tracks of
+            512 px faces with landmark jitter and noise. Faces per second with --temporal off and
+            full, per model latency and batch size; "full/off" is the ratio; "full, ref" is full
+            with the blender the tensor one replaced.
+blend       the batched blend alone on the same kind of crops, batch 16, in a thread set up as
+            the worker's blend thread (torch on one thread, OpenCV on its own): ms per face at
+            256 and 512 px for the tensor blender and, for reference, the OpenCV/ECC one it
+            replaced (workers.temporal_reference, one crop at a time).
+
+On a CPU the blend and the worker's other threads share the cores with the client; the model
+stand-in does not use them.
+
+    python bench/worker.py
+    python bench/worker.py --threads 1                    # torch and OpenCV on one thread
+    python bench/worker.py --seconds 2 --latencies 1 --batches 4
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, beside bench/
+
+import argparse  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import zmq  # noqa: E402
+
+from streamer.faces.align import alignment  # noqa: E402
+from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut  # noqa: E402
+from workers import wire  # noqa: E402
+from workers.restorers import build_restorer  # noqa: E402
+from workers.temporal import TemporalBlender  # noqa: E402
+from workers.temporal_reference import ReferenceBlender  # noqa: E402
+from workers.worker import Worker, single_torch_thread  # noqa: E402
+
+BLEND_MAX, BLEND_SIGMA = 0.85, 0.03  # the defaults
+TRACKS = 8
+FRAMES = 24  # per track; played forwards and back so consecutive frames always move a little
+
+
+def face_sequence(size: int, frames: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(affine, crop) per frame: a face drifting slowly, its landmarks jittered by ~1.5 px, the
+    crops noisy, like a tracked face in a compressed video."""
+    rng = np.random.default_rng(seed)
+    image = astronaut()
+    out = []
+    for t in range(frames):
+        shift = np.array([0.7 * t, 2.0 * np.sin(t / 5)])
+        moved = cv2.warpAffine(image, np.float64([[1, 0, shift[0]], [0, 1, shift[1]]]), image.shape[1::-1],
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        affine = alignment(ASTRONAUT_LANDMARKS + shift + rng.normal(0, 1.5, ASTRONAUT_LANDMARKS.shape), size)
+        crop = cv2.warpAffine(moved, affine, (size, size), flags=cv2.INTER_CUBIC)
+        crop = np.clip(crop + rng.normal(0, 6, crop.shape), 0, 255).astype(np.uint8)
+        out.append((affine, crop))
+    return out
+
+
+def _at(sequence: list, frame: int):
+    """Frame ``frame`` of a sequence played forwards and back forever."""
+    period = 2 * len(sequence) - 2
+    k = frame % period
+    return sequence[k if k < len(sequence) else period - k]
+
+
+# ------------------------------------------------------------------------------ throughput
+
+
+def throughput(model_ms: float, batch: int, temporal: str, sequences: list, seconds: float,
+               blender: type = TemporalBlender) -> float:
+    """Faces per second through one worker serving a stand-in model of ``model_ms`` per face."""
+    size = sequences[0][0][1].shape[0]
+    restorer = build_restorer(f"standin-0+{model_ms:g}ms-{size}px", device=torch.device("cpu"), dtype=torch.float32)
+    context = zmq.Context.instance()
+    worker = Worker({restorer.name: restorer}, batch=batch, batch_wait_ms=2, context=context,
+                    blender=blender(BLEND_MAX, BLEND_SIGMA))
+    endpoint = worker.bind(f"inproc://bench-{uuid.uuid4().hex}")
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    dealer.send_multipart(wire.encode(wire.Hello(job="bench")))
+    next_frame = [0] * len(sequences)
+
+    def send(track: int) -> None:
+        frame = next_frame[track]
+        next_frame[track] += 1
+        affine, crop = _at(sequences[track], frame)
+        header = wire.Crop(job="bench", frame=frame, track=track, face=0, model=restorer.name, size=size,
+                           shape=crop.shape, affine=tuple(map(tuple, affine.tolist())), temporal=temporal)
+        dealer.send_multipart(wire.encode(header, crop), copy=False)
+
+    done, warm_until, started, track = 0, time.perf_counter() + min(1.0, seconds / 2), None, 0
+    while True:
+        header, _ = wire.decode(dealer.recv_multipart())
+        if header.kind == "credit":
+            for _ in range(header.credits):  # fill the window, round-robin over the tracks
+                send(track)
+                track = (track + 1) % len(sequences)
+            continue
+        assert header.kind == "result", header
+        now = time.perf_counter()
+        if started is None and now >= warm_until:
+            started, done = now, 0
+        done += 1
+        if started is not None and now - started >= seconds:
+            break
+        send(header.track)  # a result returns its credit: the same track's next frame
+    rate = done / (time.perf_counter() - started)
+    dealer.send_multipart(wire.encode(wire.Bye(job="bench")))
+    dealer.close(linger=0)
+    worker.stop_event.set()
+    thread.join(30)
+    return rate
+
+
+# ----------------------------------------------------------------------------------- blend
+
+
+def blend_ms(blender, sequences: list, batches: int) -> float:
+    """ms per face of blending ``batches`` batches, one frame of every track in each, in a
+    thread like the worker's blend thread."""
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=1, initializer=single_torch_thread) as blend_thread:
+        blend_thread.submit(lambda: None).result()  # its initializer has run...
+        torch.set_num_threads(threads)  # ...and changed the default for every other thread: put it back
+        return blend_thread.submit(_blend_ms, blender, sequences, batches).result()
+
+
+def _blend_ms(blender, sequences: list, batches: int) -> float:
+    total = 0.0
+    for step in range(2 + batches):  # two to warm up
+        picked = [_at(seq, step) for seq in sequences]
+        inputs = torch.from_numpy(np.stack([crop for _, crop in picked]))
+        restored = inputs.clone()  # the identity restorer: blending costs the same
+        keys = [("peer", "bench", t) for t in range(len(sequences))]
+        started = time.perf_counter()
+        blender.blend_batch(keys, [step] * len(keys), [a for a, _ in picked], inputs, restored, [False] * len(keys))
+        if step >= 2:
+            total += time.perf_counter() - started
+    return total / (batches * len(sequences)) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latencies", type=float, nargs="+", default=[1.0, 5.0], help="stand-in model, ms per face")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--seconds", type=float, default=4.0, help="measured per configuration, after a warm-up")
+    ap.add_argument("--blend-batches", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="torch and OpenCV threads (default: theirs)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OpenCV {cv2.__version__}, "
+          f"{cv2.getNumThreads()} threads; CPU")
+
+    sequences = [face_sequence(512, FRAMES, seed) for seed in range(TRACKS)]
+    print(f"\nworker throughput, faces/s ({TRACKS} tracks of 512 px faces, stand-in model, inproc://)")
+    print(f"{'model ms/face':>14}{'batch':>7}{'off':>9}{'full':>9}{'full/off':>10}{'full, ref':>11}")
+    for latency in args.latencies:
+        for batch in args.batches:
+            off = throughput(latency, batch, "off", sequences, args.seconds)
+            full = throughput(latency, batch, "full", sequences, args.seconds)
+            ref = throughput(latency, batch, "full", sequences, args.seconds, ReferenceBlender)
+            print(f"{latency:>14g}{batch:>7}{off:>9.1f}{full:>9.1f}{full / off:>10.2f}{ref:>11.1f}", flush=True)
+
+    print("\nblend, ms per face (batch 16)")
+    print(f"{'crop':>6}{'tensor':>9}{'reference':>11}{'ratio':>8}")
+    for size in (256, 512):
+        sequences = [face_sequence(size, FRAMES, seed) for seed in range(16)]
+        tensor = blend_ms(TemporalBlender(BLEND_MAX, BLEND_SIGMA), sequences, args.blend_batches)
+        reference = blend_ms(ReferenceBlender(BLEND_MAX, BLEND_SIGMA), sequences, args.blend_batches)
+        print(f"{size:>6}{tensor:>9.2f}{reference:>11.2f}{reference / tensor:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Connecting to Redis: from a URL (``redis://``, ``rediss://`` for TLS, an ACL user and a
+password in the URL), checked at once, with one clear line when nothing answers. Light on
+purpose: the client commands import only this."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import redis as redis_lib
+
+from configs.errors import TransientError
+
+REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError)
+
+
+class RedisUnavailable(TransientError):
+    """Redis cannot be reached."""
+
+
+def redact(url: str) -> str:
+    """The URL without its password (credentials are never logged)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(url: str):
+    """A client for ``url`` (redis://, rediss:// for TLS, user and password in the URL),
+    checked with a PING; RedisUnavailable with one clear line if nothing answers."""
+    try:
+        client = redis_lib.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30,
+                                          health_check_interval=10)
+        client.ping()
+    except (redis_lib.AuthenticationError, redis_lib.ResponseError, ValueError) as exc:  # before ConnectionError,
+        raise RedisUnavailable(f"Redis at {redact(url)} refused us: {exc}", retryable=False) from None  # its parent
+    except REDIS_ERRORS as exc:
+        host = urlsplit(url).hostname or "127.0.0.1"
+        port = urlsplit(url).port or 6379
+        hint = (f"; start one with: redis-server --port {port} --appendonly yes"
+                if host in ("127.0.0.1", "localhost", "::1") else "")
+        raise RedisUnavailable(f"cannot reach Redis at {redact(url)} ({exc}){hint}, or give --redis URL") from None
+    return client

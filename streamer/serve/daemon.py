@@ -1,0 +1,446 @@
+"""``gpen-stream serve``: runs the jobs other services put in Redis, on one long-lived engine.
+
+One loop takes jobs; each job runs in its own thread on the shared engine (its workers and
+loaded models serve every job: a job does not pay model loading). The loop, once a second:
+keeps its running entries claimed, looks for cancel requests, takes over entries that a dead
+daemon left pending, refreshes its heartbeat and the queue gauges.
+
+Exactly once: a job is acknowledged only after its output was renamed into place and its
+state says done (or after it failed for a reason retrying cannot fix). A daemon killed in
+the middle leaves the entry pending; another daemon takes it over after ``claim_idle_s``
+and runs it again from the start, writing to the same temporary file name (derived from the
+job id), so one output appears, once, and no temporary file is left. An entry delivered
+``max_attempts`` times goes to ``<prefix>:jobs:dead``.
+
+Redis going away does not stop running jobs: their state writes queue up in order
+(``RedisWriter``) and reach Redis when it is back; the loop retries with backoff. SIGTERM:
+take no more jobs, let the running ones finish within ``drain_s``, put the others back to
+queued (still pending, for another daemon), exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import redis as redis_lib
+
+from configs import JobOptions, LiveSettings, ServeSettings, load_settings
+from configs.errors import Cancelled, GpenStreamError
+from streamer import logs
+from streamer.engine import Engine
+from streamer.jobs.live import LiveStream, run_live
+from streamer.jobs.restore import restore_file
+from streamer.pipeline import Progress
+from streamer.serve.connection import REDIS_ERRORS, connect, redact
+from configs.keys import Keys
+from streamer.serve.queue import JobQueue
+from streamer.serve.spec import JobRejected, JobSpec, decode_fields, job_id_of, parse_job
+from streamer.serve.state import FINISHED, JobState, JobStore, utc_now
+from workers import metrics
+
+log = logging.getLogger(__name__)
+
+LOOP_S = 1.0  # housekeeping period of the main loop
+CANCEL_POLL_S = 0.5  # a running job sees a cancel request within this (plus one progress tick)
+PROGRESS_EVERY_S = 1.0  # at most one progress event per job per second
+DAEMON_TTL_S = 15
+
+
+class RedisWriter:
+    """Writes that must reach Redis in order, whether or not it is up right now: job state
+    changes, acknowledgements, progress (only the latest per job is kept while waiting)."""
+
+    def __init__(self):
+        self._ops: deque = deque()
+        self._progress: dict[str, object] = {}
+        self._cv = threading.Condition()
+        self._stop = False
+        self.down_since: float | None = None
+        self._thread = threading.Thread(target=self._loop, name="redis-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, op) -> None:
+        with self._cv:
+            self._ops.append(op)
+            self._cv.notify()
+
+    def put_progress(self, job_id: str, op) -> None:
+        with self._cv:
+            self._progress[job_id] = op
+            self._cv.notify()
+
+    def drop_progress(self, job_id: str) -> None:
+        with self._cv:
+            self._progress.pop(job_id, None)
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._ops and not self._progress
+
+    def close(self, timeout_s: float) -> bool:
+        """Stop after flushing what is queued (for at most ``timeout_s``); True if flushed."""
+        deadline = time.monotonic() + timeout_s
+        while not self.idle() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        return self.idle()
+
+    def _loop(self) -> None:
+        backoff = 0.2
+        while True:
+            with self._cv:
+                while not self._ops and not self._progress and not self._stop:
+                    self._cv.wait(1.0)
+                if self._stop:
+                    return
+                op = self._ops[0] if self._ops else None
+                job_id = None
+                if op is None:
+                    job_id, op = next(iter(self._progress.items()))
+            try:
+                op()
+            except REDIS_ERRORS as exc:
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("Redis unreachable (%s); state updates wait for it", exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except Exception:  # a bad write must not stop the others
+                log.exception("a Redis update failed")
+            if self.down_since is not None:
+                log.info("Redis is back after %.0f s", time.monotonic() - self.down_since)
+                self.down_since = None
+            backoff = 0.2
+            with self._cv:
+                if job_id is None:
+                    self._ops.popleft()
+                elif self._progress.get(job_id) is op:
+                    del self._progress[job_id]
+
+
+@dataclass
+class _Running:
+    spec: JobSpec
+    fields: dict
+    from_config: bool = False  # a stream of serve.streams: no queue entry behind it
+    cancel: threading.Event = field(default_factory=threading.Event)
+    user_cancelled: bool = False
+    started: float = field(default_factory=time.monotonic)
+    last_progress: float = 0.0
+    thread: threading.Thread | None = None
+
+
+class Daemon:
+    def __init__(self, settings: ServeSettings, engine: Engine, defaults: JobOptions, *,
+                 daemon_id: str | None = None, client=None, live: LiveSettings | None = None):
+        self.settings, self.engine, self.defaults = settings, engine, defaults
+        self.live = live or load_settings(LiveSettings)
+        self.id = daemon_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.keys = Keys(settings.prefix)
+        self.redis = client or connect(settings.redis)
+        self.store = JobStore(self.redis, self.keys, events_maxlen=settings.events_maxlen,
+                              keep_finished_s=settings.keep_finished_s)
+        self.queue = JobQueue(self.redis, self.keys, self.id)
+        self.writer = RedisWriter()
+        self.running: dict[str, _Running] = {}  # by entry id
+        self._lock = threading.Lock()
+        self.draining = False
+        self.redis_ok = True
+        self.runs = 0  # jobs started by this daemon (for tests and /healthz)
+        self._slot_freed = threading.Event()
+
+    # ------------------------------------------------------------------ the loop
+
+    def serve(self, stop: threading.Event) -> None:
+        """Until ``stop`` is set; then drain (see the module docstring) and return."""
+        self.queue.ensure_group()
+        log.info("daemon %s serving %s on %s (concurrency %d)", self.id, self.keys.jobs, redact(self.settings.redis),
+                 self.settings.concurrency)
+        self._start_config_streams()
+        last_housekeeping = 0.0
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                now = time.monotonic()
+                if now - last_housekeeping >= LOOP_S:
+                    last_housekeeping = now
+                    self._housekeeping()
+                self._poll_cancels()
+                free = self.settings.concurrency - self._busy()
+                if free > 0:
+                    for entry, fields in self.queue.read(free, block_ms=int(CANCEL_POLL_S * 1000)):
+                        self._take(entry, fields)
+                else:
+                    self._slot_freed.wait(CANCEL_POLL_S)  # a finishing job wakes us at once
+                    self._slot_freed.clear()
+                self._set_redis_ok(True)
+                backoff = 0.5
+            except REDIS_ERRORS as exc:
+                self._set_redis_ok(False, exc)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except redis_lib.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis restarted without its data: start again
+                    log.warning("the consumer group is gone (Redis lost its data?); creating it again")
+                    self._retry(self.queue.ensure_group)
+                else:
+                    raise
+        self._drain()
+
+    def _set_redis_ok(self, ok: bool, exc: Exception | None = None) -> None:
+        if ok and not self.redis_ok:
+            log.info("Redis is reachable again")
+        elif not ok and self.redis_ok:
+            log.warning("Redis unreachable (%s); running jobs go on, retrying", exc)
+        self.redis_ok = ok
+
+    def _retry(self, fn) -> None:
+        while True:
+            try:
+                return fn()
+            except REDIS_ERRORS:
+                time.sleep(1.0)
+
+    def _housekeeping(self) -> None:
+        with self._lock:
+            entries = [entry for entry, run in self.running.items() if not run.from_config]
+        self.queue.touch(entries)  # our running jobs are not stale, however long they take
+        self.redis.hset(self.keys.daemon(self.id), mapping={"running": len(entries), "updated": utc_now()})
+        self.redis.expire(self.keys.daemon(self.id), DAEMON_TTL_S)
+        free = self.settings.concurrency - self._busy()
+        if free > 0:
+            for entry, fields in self.queue.claim_stale(free, self.settings.claim_idle_s):
+                if entry not in self.running:
+                    log.info("taking over job entry %s (its daemon stopped refreshing it)", entry)
+                    self._take(entry, fields)
+        counts = self.queue.counts()
+        for name, value in counts.items():
+            metrics.JOB_QUEUE.labels(kind=name).set(value)
+
+    def _busy(self) -> int:
+        """Slots in use: queued jobs only (the streams of serve.streams run besides them)."""
+        with self._lock:
+            return sum(not run.from_config for run in self.running.values())
+
+    def _poll_cancels(self) -> None:
+        with self._lock:
+            by_job = {run.spec.id: run for run in self.running.values()}
+        for job_id in self.store.cancel_requested(list(by_job)):
+            run = by_job[job_id]
+            if not run.cancel.is_set():
+                log.info("cancel requested", extra={"job": job_id})
+                run.user_cancelled = True
+                run.cancel.set()
+
+    # ------------------------------------------------------------------ one entry
+
+    def _take(self, entry: str, raw: dict) -> None:
+        try:
+            fields = decode_fields(raw)
+            job_id = job_id_of(fields, entry)
+        except JobRejected as exc:  # not even an id: record it under one made from the entry
+            job_id = f"entry-{entry}"
+            self.store.register(job_id, entry, {})
+            self._finish_now(job_id, entry, JobState.FAILED, str(exc))
+            return
+        found = self.store.register(job_id, entry, {k: fields[k] for k in ("input", "output", "model") if k in fields})
+        if found is not None:
+            state, owner = found
+            if owner and owner != entry:
+                log.info("entry %s repeats job id %s (submitted as entry %s): nothing to run", entry, job_id, owner)
+                self.queue.ack(entry)
+                return
+            if state in FINISHED:  # finished, but the acknowledgement was lost (a crash in between)
+                self.queue.ack(entry)
+                return
+        current = self.store.get(job_id)
+        if current.get("cancel") == "1":
+            self._finish_now(job_id, entry, JobState.CANCELLED, "")
+            return
+        attempts = int(current.get("attempts") or 0)
+        if attempts >= self.settings.max_attempts:
+            error = current.get("error") or "the job did not finish"
+            message = f"gave up after {attempts} attempts: {error}"
+            log.error("%s", message, extra={"job": job_id})
+            p = self.redis.pipeline(transaction=True)
+            self.store.update(job_id, {"state": JobState.FAILED.value, "error": message, "finished": utc_now()},
+                              finished=True, pipe=p)
+            self.queue.bury(entry, raw, message, pipe=p)
+            p.execute()
+            metrics.JOBS.labels(state="dead").inc()
+            return
+        try:
+            spec = parse_job(fields, entry, input_roots=self.settings.input_roots,
+                             output_roots=self.settings.output_roots, defaults=self.defaults,
+                             live_sources=self.settings.live_sources)
+        except JobRejected as exc:
+            log.error("rejected: %s", exc, extra={"job": job_id})
+            self._finish_now(job_id, entry, JobState.FAILED, str(exc))
+            return
+        if not self.engine.can_serve(spec.options.model):  # not acknowledged: taken up again after claim_idle_s
+            reason = f"waiting: no registered worker serves {spec.options.model}"
+            if current.get("error") != reason:
+                log.info("%s", reason, extra={"job": job_id})
+                self.store.update(job_id, {"state": JobState.QUEUED.value, "error": reason})
+            return
+        self._start(spec, raw, attempts + 1)
+
+    def _finish_now(self, job_id: str, entry: str, state: JobState, error: str) -> None:
+        p = self.redis.pipeline(transaction=True)
+        self.store.update(job_id, {"state": state.value, "error": error, "finished": utc_now(), "daemon": self.id},
+                          finished=True, pipe=p)
+        self.queue.ack(entry, pipe=p)
+        p.execute()
+        metrics.JOBS.labels(state=state.value).inc()
+
+    def _start_config_streams(self) -> None:
+        """The live feeds listed in serve.streams run while this daemon runs (like cameras)."""
+        for item in self.settings.streams:
+            fields = {k: (json.dumps(v) if k == "options" else str(v)) for k, v in item.items()}
+            entry = f"config:{fields.get('id', '')}"
+            try:
+                spec = parse_job(fields, entry, input_roots=self.settings.input_roots,
+                                 output_roots=self.settings.output_roots, defaults=self.defaults,
+                                 live_sources=["rtsp://*", "rtsps://*", "rtmp://*", "rtmps://*", "srt://*", "udp://*",
+                                               "rtp://*", "tcp://*", "http://*", "https://*"])
+                if not spec.live:
+                    raise JobRejected("serve.streams lists live feeds; give an rtsp://, rtmp://, srt:// or udp:// input")
+            except JobRejected as exc:
+                log.error("serve.streams entry %s: %s", item.get("id", "?"), exc)
+                continue
+            self.store.register(spec.id, entry, {"input": spec.input, "output": str(spec.output),
+                                                 "model": spec.options.model})
+            self.redis.hdel(self.keys.job(spec.id), "cancel")
+            self._start(spec, {}, 1, from_config=True)
+
+    def _start(self, spec: JobSpec, raw: dict, attempt: int, *, from_config: bool = False) -> None:
+        run = _Running(spec, raw, from_config=from_config)
+        with self._lock:
+            self.running[spec.entry] = run
+            self.runs += 1
+        self.store.update(spec.id, {"state": JobState.RUNNING.value, "attempts": attempt, "daemon": self.id,
+                                    "started": utc_now(), "error": "", "progress": 0})
+        metrics.JOBS_RUNNING.set(len(self.running))
+        run.thread = threading.Thread(target=self._run_job, args=(run,), name=f"job-{spec.id}", daemon=True)
+        run.thread.start()
+
+    def _run_job(self, run: _Running) -> None:
+        spec = run.spec
+        token = logs.JOB.set(spec.id)
+        try:
+            log.info("running %s -> %s (%s%s)", spec.input, spec.output, spec.options.model, ", live" if spec.live else "")
+            try:
+                if spec.live:
+                    result = run_live(self.engine, LiveStream(spec.input, (str(spec.output),)), spec.options,
+                                      self.live, cancel=run.cancel, progress=lambda p: self._progress(run, p),
+                                      job_id=spec.id)
+                else:
+                    result = restore_file(spec.input, spec.output, spec.options, engine=self.engine,
+                                          faces_file=spec.faces, progress=lambda p: self._progress(run, p),
+                                          cancel=run.cancel, job_id=spec.id, temp_tag=spec.id)
+            except Cancelled:
+                if run.user_cancelled:
+                    self._finish(run, JobState.CANCELLED, error="cancelled")
+                else:  # the daemon is stopping: leave it pending for another daemon
+                    self._requeue(run, "the daemon stopped before the job finished; it will run again")
+            except GpenStreamError as exc:
+                if exc.retryable:
+                    self._requeue(run, str(exc))
+                else:
+                    self._finish(run, JobState.FAILED, error=str(exc))
+            except Exception as exc:  # unforeseen: worth another attempt, up to max_attempts
+                log.exception("job failed unexpectedly")
+                self._requeue(run, f"{type(exc).__name__}: {exc}")
+            else:
+                self._finish(run, JobState.DONE, output=str(result.output), frames=result.frames)
+                log.info("done: %d frames, %d faces in %.1f s", result.frames, result.faces, result.elapsed_s)
+        finally:
+            metrics.JOB_SECONDS.observe(time.monotonic() - run.started)
+            with self._lock:
+                self.running.pop(spec.entry, None)
+                metrics.JOBS_RUNNING.set(len(self.running))
+            self._slot_freed.set()
+            logs.JOB.reset(token)
+
+    def _progress(self, run: _Running, p: Progress) -> None:
+        now = time.monotonic()
+        if now - run.last_progress < PROGRESS_EVERY_S:
+            return
+        run.last_progress = now
+        fields = {"progress": round(p.fraction, 4) if p.fraction is not None else "",
+                  "frames_done": p.frames_done, "frames_total": p.frames_total, "fps": round(p.fps, 2),
+                  "eta_s": round(p.eta_s, 1) if p.eta_s is not None else ""}
+        if p.live is not None:  # live jobs: their figures, in the hash and as metrics
+            fields |= {k: ("" if p.live.get(k) is None else p.live[k]) for k in metrics.LIVE_FIGURES}
+            metrics.publish_live(run.spec.id, p.live)
+        self.writer.put_progress(run.spec.id, lambda: self.store.update(run.spec.id, fields))
+
+    def _finish(self, run: _Running, state: JobState, *, error: str = "", output: str = "", frames: int = 0) -> None:
+        """Write the final state, then acknowledge: in that order, through the writer (Redis
+        may be down right now; the job is done either way)."""
+        spec = run.spec
+        values = {"state": state.value, "error": error, "finished": utc_now()}
+        if state is JobState.DONE:
+            values |= {"output": output, "progress": 1, "frames_done": frames, "eta_s": 0}
+        self.writer.drop_progress(spec.id)
+
+        def write() -> None:
+            p = self.redis.pipeline(transaction=True)
+            self.store.update(spec.id, values, finished=True, pipe=p)
+            if not run.from_config:
+                self.queue.ack(spec.entry, pipe=p)
+            p.execute()
+
+        self.writer.put(write)
+        metrics.JOBS.labels(state=state.value).inc()
+
+    def _requeue(self, run: _Running, error: str) -> None:
+        """Not acknowledged: the entry stays pending and is taken over after claim_idle_s."""
+        log.warning("will be retried: %s", error)
+        self.writer.drop_progress(run.spec.id)
+        self.writer.put(lambda: self.store.update(run.spec.id, {"state": JobState.QUEUED.value, "error": error}))
+        metrics.JOBS.labels(state="retried").inc()
+
+    # ------------------------------------------------------------------ stopping
+
+    def _drain(self) -> None:
+        with self._lock:
+            runs = list(self.running.values())
+        if runs:
+            log.info("stopping: %d running job(s) get %.0f s to finish", len(runs), self.settings.drain_s)
+        deadline = time.monotonic() + self.settings.drain_s
+        for run in runs:
+            run.thread.join(max(0.0, deadline - time.monotonic()))
+        for run in runs:
+            if run.thread.is_alive():
+                run.cancel.set()  # not user_cancelled: it goes back to queued, still pending
+        for run in runs:
+            run.thread.join(60)
+        if not self.writer.close(timeout_s=max(5.0, self.settings.drain_s)):
+            log.warning("Redis did not take the last state updates; other daemons will redo what is pending")
+        try:
+            self.redis.delete(self.keys.daemon(self.id))
+        except REDIS_ERRORS:
+            pass
+        log.info("daemon %s stopped", self.id)
+
+    def health(self) -> dict:
+        try:
+            self.redis.ping()
+            redis_ok = True
+        except REDIS_ERRORS:
+            redis_ok = False
+        workers = self.engine.worker_count()
+        return {"ok": redis_ok and self.engine.workers_ok(), "redis": redis_ok, "workers": workers,
+                "running": len(self.running), "daemon": self.id}

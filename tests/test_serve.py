@@ -1,0 +1,342 @@
+"""``gpen-stream serve`` and the Redis job protocol: a real redis-server started by the test,
+real daemon processes, the identity model, jobs submitted with plain redis-py commands."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.clips import make_clip, read_frames
+from tests.support.redis_server import unique_prefix
+
+CLI = [sys.executable, "-m", "streamer"]
+
+
+class Daemon:
+    """A `gpen-stream serve` process with the identity model, its log in a file."""
+
+    def __init__(self, server, prefix: str, roots: Path, *, name: str = "d", extra=(), env=None):
+        self.log = roots / f"{name}.log"
+        cmd = [*CLI, "serve", "--redis", server.url, "--prefix", prefix, "--input-root", str(roots / "in"),
+               "--output-root", str(roots / "out"), "--model", "identity", "--http-port", "0", *extra]
+        environment = {**os.environ, "GPEN_STREAM_SERVE_CLAIM_IDLE_S": "2", **(env or {})}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        self.client = server.client()
+        self.prefix = prefix
+        deadline = time.monotonic() + 60
+        while not self.client.keys(f"{prefix}:daemon:*") or not self._mine_listed():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.text()
+            time.sleep(0.1)
+
+    def _mine_listed(self) -> bool:
+        return any(str(self.proc.pid) in k.decode() for k in self.client.keys(f"{self.prefix}:daemon:*"))
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def roots(tmp_path):
+    for name in ("in", "out"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+def _job(r, prefix, job_id):
+    return {k.decode(): v.decode() for k, v in r.hgetall(f"{prefix}:job:{job_id}").items()}
+
+
+def _wait_state(r, prefix, job_id, states, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = _job(r, prefix, job_id)
+        if job.get("state") in states:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never reached {states}: {_job(r, prefix, job_id)}")
+
+
+def _events(r, prefix, job_id):
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in r.xrange(f"{prefix}:events")
+            if fields.get(b"id") == job_id.encode()]
+
+
+def _leftovers(folder: Path):
+    return [p.name for p in folder.iterdir() if ".part" in p.name]
+
+
+def test_a_job_submitted_with_plain_xadd_is_done_like_restore_does_it(redis_server, roots):
+    clip = make_clip(roots / "in" / "a.mp4", frames=20)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots)
+    r = redis_server.client()
+    try:
+        r.xadd(f"{prefix}:jobs", {"id": "job-1", "input": str(clip.path), "output": str(roots / "out" / "a.mp4"),
+                                  "model": "identity",
+                                  "options": json.dumps({"faces": str(clip.faces_path), "crf": 0, "preset": "ultrafast"})})
+        job = _wait_state(r, prefix, "job-1", {"done", "failed"})
+    finally:
+        assert daemon.stop() == 0
+    assert job["state"] == "done", job
+    for field in ("progress", "frames_done", "frames_total", "fps", "eta_s", "error", "output", "attempts", "daemon",
+                  "created", "started", "finished"):
+        assert field in job, field
+    assert job["output"] == str(roots / "out" / "a.mp4") and job["attempts"] == "1" and job["frames_done"] == "20"
+    assert job["created"].endswith("Z") and job["finished"] >= job["started"] >= job["created"]
+    assert r.ttl(f"{prefix}:job:job-1") > 0  # a finished job expires
+    states = [e["state"] for e in _events(r, prefix, "job-1") if "state" in e]
+    assert states[0] == "running" and states[-1] == "done"
+
+    same = roots / "restore.mp4"
+    subprocess.run([*CLI, "restore", str(clip.path), "-o", str(same), "--model", "identity", "--faces",
+                    str(clip.faces_path), "--crf", "0", "--preset", "ultrafast", "-q"], check=True, capture_output=True)
+    frames_d, pts_d, tb_d, _ = read_frames(roots / "out" / "a.mp4")
+    frames_r, pts_r, tb_r, _ = read_frames(same)
+    frames_in, pts_in, tb_in, _ = read_frames(clip.path)
+    assert (pts_d, tb_d) == (pts_in, tb_in) == (pts_r, tb_r) and len(frames_d) == 20
+    assert all((a == b).all() for a, b in zip(frames_d, frames_r))
+    assert not _leftovers(roots / "out")
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0  # acknowledged
+
+
+def test_a_daemon_killed_in_the_middle_leaves_the_job_to_another(redis_server, roots):
+    clip = make_clip(roots / "in" / "long.mp4", frames=150, audio=False)
+    prefix = unique_prefix()
+    first = Daemon(redis_server, prefix, roots, name="first")
+    r = redis_server.client()
+    out = roots / "out" / "long.mp4"
+    r.xadd(f"{prefix}:jobs", {"id": "long", "input": str(clip.path), "output": str(out),
+                              "options": json.dumps({"faces": str(clip.faces_path)})})
+    deadline = time.monotonic() + 60
+    while float(_job(r, prefix, "long").get("progress") or 0) < 0.15:
+        assert time.monotonic() < deadline, first.text()
+        time.sleep(0.05)
+    first.stop(signal.SIGKILL)
+    assert _leftovers(roots / "out")  # the dead daemon's half-written file
+    second = Daemon(redis_server, prefix, roots, name="second")
+    try:
+        job = _wait_state(r, prefix, "long", {"done", "failed"}, timeout=120)
+    finally:
+        assert second.stop() == 0
+    assert job["state"] == "done" and job["attempts"] == "2", job
+    assert len(read_frames(out)[0]) == 150
+    assert sorted(p.name for p in (roots / "out").iterdir()) == ["long.mp4"]  # one output, nothing else
+
+
+def test_fifty_jobs_on_two_daemons_each_run_exactly_once(redis_server, roots):
+    clip = make_clip(roots / "in" / "s.mp4", frames=3, width=96, height=72, face_px=30, audio=False)
+    prefix = unique_prefix()
+    daemons = [Daemon(redis_server, prefix, roots, name=f"d{i}", extra=["--concurrency", "2"]) for i in range(2)]
+    r = redis_server.client()
+    try:
+        for i in range(50):
+            r.xadd(f"{prefix}:jobs", {"id": f"j{i}", "input": str(clip.path), "output": str(roots / "out" / f"{i}.mp4"),
+                                      "options": json.dumps({"faces": str(clip.faces_path)})})
+        r.xadd(f"{prefix}:jobs", {"id": "j7", "input": str(clip.path), "output": str(roots / "out" / "again.mp4")})
+        jobs = [_wait_state(r, prefix, f"j{i}", {"done", "failed"}, timeout=240) for i in range(50)]
+        time.sleep(1.5)  # let the duplicate reach a daemon
+    finally:
+        for d in daemons:
+            assert d.stop() == 0
+    assert all(j["state"] == "done" and j["attempts"] == "1" for j in jobs)
+    for i in range(50):
+        runs = [e for e in _events(r, prefix, f"j{i}") if e.get("state") == "running"]
+        assert len(runs) == 1, (i, runs)
+    assert len({j["daemon"] for j in jobs}) == 2  # both daemons took a share
+    assert not (roots / "out" / "again.mp4").exists() and len(list((roots / "out").glob("*.mp4"))) == 50
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
+
+
+def test_a_job_survives_a_redis_restart(redis_server, roots):
+    clip = make_clip(roots / "in" / "r.mp4", frames=120, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots)
+    r = redis_server.client()
+    try:
+        r.xadd(f"{prefix}:jobs", {"id": "r", "input": str(clip.path), "output": str(roots / "out" / "r.mp4"),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        _wait_state(r, prefix, "r", {"running"})
+        redis_server.stop()
+        time.sleep(3)  # the job goes on without Redis
+        redis_server.start()
+        r = redis_server.client()
+        job = _wait_state(r, prefix, "r", {"done", "failed"}, timeout=120)
+    finally:
+        assert daemon.stop() == 0
+    assert job["state"] == "done" and len(read_frames(roots / "out" / "r.mp4")[0]) == 120
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
+
+
+def test_cancel_while_queued_and_while_running(redis_server, roots):
+    clip = make_clip(roots / "in" / "c.mp4", frames=150, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots, extra=["--concurrency", "1"])
+    r = redis_server.client()
+    faces = json.dumps({"faces": str(clip.faces_path)})
+    try:
+        for job_id in ("running", "queued"):
+            r.xadd(f"{prefix}:jobs", {"id": job_id, "input": str(clip.path), "output": str(roots / "out" / f"{job_id}.mp4"),
+                                      "options": faces})
+        _wait_state(r, prefix, "running", {"running"})
+        r.hset(f"{prefix}:job:queued", "cancel", "1")  # before any daemon took it
+        time.sleep(0.5)
+        asked = time.monotonic()
+        r.hset(f"{prefix}:job:running", "cancel", "1")
+        job = _wait_state(r, prefix, "running", {"cancelled", "done", "failed"}, timeout=10)
+        took = time.monotonic() - asked
+        queued = _wait_state(r, prefix, "queued", {"cancelled", "done", "failed"}, timeout=30)
+    finally:
+        assert daemon.stop() == 0
+    assert job["state"] == "cancelled" and took < 1.5, (job, took)
+    assert queued["state"] == "cancelled" and queued["attempts"] == "0"
+    assert list((roots / "out").iterdir()) == []
+
+
+def test_bad_jobs_fail_with_a_clear_reason_and_the_daemon_keeps_serving(redis_server, roots):
+    clip = make_clip(roots / "in" / "ok.mp4", frames=3, width=96, height=72, face_px=30, audio=False)
+    (roots / "in" / "notes.mp4").write_text("not a video\n" * 100)
+    outside = roots / "secret.mp4"
+    outside.write_bytes(clip.path.read_bytes())
+    (roots / "in" / "link.mp4").symlink_to(outside)
+    ok_in, out = str(clip.path), str(roots / "out")
+    bad = {
+        "no-input": ({"output": f"{out}/x.mp4"}, "missing field 'input'"),
+        "missing": ({"input": f"{ok_in}.nope", "output": f"{out}/x.mp4"}, "does not exist"),
+        "not-video": ({"input": str(roots / "in" / "notes.mp4"), "output": f"{out}/x.mp4"}, "not a readable video"),
+        "outside": ({"input": str(outside), "output": f"{out}/x.mp4"}, "outside the allowed folders"),
+        "dotdot": ({"input": f"{roots}/in/../secret.mp4", "output": f"{out}/x.mp4"}, "outside the allowed folders"),
+        "symlink": ({"input": str(roots / "in" / "link.mp4"), "output": f"{out}/x.mp4"}, "outside the allowed folders"),
+        "out-outside": ({"input": ok_in, "output": str(roots / "x.mp4")}, "outside the allowed folders"),
+        "url": ({"input": "http://example.com/a.mp4", "output": f"{out}/x.mp4"}, "live input http://example.com is "
+                "not allowed here"),
+        "file-url": ({"input": "file:///etc/passwd", "output": f"{out}/x.mp4"}, "not a local path"),
+        "unknown-option": ({"input": ok_in, "output": f"{out}/x.mp4", "options": '{"sharpness": 3}'},
+                           "unknown option 'sharpness'"),
+        "process-setting": ({"input": ok_in, "output": f"{out}/x.mp4", "options": '{"workers": 8}'},
+                            "'workers' is a process setting"),
+        "bad-json": ({"input": ok_in, "output": f"{out}/x.mp4", "options": "{crf: 3"}, "not valid JSON"),
+        "bad-field": ({"input": ok_in, "output": f"{out}/x.mp4", "priority": "high"}, "unknown field(s) priority"),
+    }
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots)
+    r = redis_server.client()
+    try:
+        for job_id, (fields, _) in bad.items():
+            r.xadd(f"{prefix}:jobs", {"id": job_id, **fields})
+        r.xadd(f"{prefix}:jobs", {"id": "fine", "input": ok_in, "output": f"{out}/fine.mp4",
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        results = {job_id: _wait_state(r, prefix, job_id, {"done", "failed"}) for job_id in [*bad, "fine"]}
+    finally:
+        assert daemon.stop() == 0
+    for job_id, (_, message) in bad.items():
+        assert results[job_id]["state"] == "failed" and message in results[job_id]["error"], (job_id, results[job_id])
+    assert results["fine"]["state"] == "done"
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0  # each acknowledged once
+    assert "Traceback" not in daemon.text()
+    assert sorted(p.name for p in (roots / "out").iterdir()) == ["fine.mp4"]
+
+
+def test_a_job_that_fails_every_attempt_ends_in_the_dead_letter_stream(redis_server, roots, tmp_path):
+    clip = make_clip(roots / "in" / "d.mp4", frames=3, width=96, height=72, face_px=30, audio=False)
+    prefix = unique_prefix()
+    nowhere = f"ipc://{tmp_path}/no-worker.sock"  # a worker that never answers: every run fails, transiently
+    daemon = Daemon(redis_server, prefix, roots, extra=["--connect", nowhere],
+                    env={"GPEN_STREAM_SERVE_MAX_ATTEMPTS": "2", "GPEN_STREAM_ENGINE_CONNECT_TIMEOUT_S": "0.5"})
+    r = redis_server.client()
+    try:
+        r.xadd(f"{prefix}:jobs", {"id": "doomed", "input": str(clip.path), "output": str(roots / "out" / "d.mp4"),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        job = _wait_state(r, prefix, "doomed", {"failed"}, timeout=60)
+    finally:
+        assert daemon.stop() == 0
+    assert job["attempts"] == "2" and "gave up after 2 attempts" in job["error"] and "no worker" in job["error"]
+    [(_, dead)] = r.xrange(f"{prefix}:jobs:dead")
+    assert dead[b"id"] == b"doomed" and b"gave up" in dead[b"error"]
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
+
+
+def test_sigterm_lets_the_running_job_finish_then_exits_0(redis_server, roots):
+    clip = make_clip(roots / "in" / "t.mp4", frames=60, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots)
+    r = redis_server.client()
+    r.xadd(f"{prefix}:jobs", {"id": "t", "input": str(clip.path), "output": str(roots / "out" / "t.mp4"),
+                              "options": json.dumps({"faces": str(clip.faces_path)})})
+    _wait_state(r, prefix, "t", {"running"})
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert _job(r, prefix, "t")["state"] == "done" and len(read_frames(roots / "out" / "t.mp4")[0]) == 60
+
+
+def test_sigterm_past_the_drain_time_leaves_the_job_pending_for_another_daemon(redis_server, roots):
+    clip = make_clip(roots / "in" / "p.mp4", frames=300, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots, env={"GPEN_STREAM_SERVE_DRAIN_S": "0.5"})
+    r = redis_server.client()
+    r.xadd(f"{prefix}:jobs", {"id": "p", "input": str(clip.path), "output": str(roots / "out" / "p.mp4"),
+                              "options": json.dumps({"faces": str(clip.faces_path)})})
+    _wait_state(r, prefix, "p", {"running"})
+    assert daemon.stop(signal.SIGTERM) == 0
+    job = _job(r, prefix, "p")
+    assert job["state"] == "queued" and "will run again" in job["error"]
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 1 and not list((roots / "out").iterdir())
+
+
+def test_serve_without_redis_says_so_in_one_line(roots):
+    from tests.support.redis_server import free_port
+
+    result = subprocess.run([*CLI, "serve", "--redis", f"redis://127.0.0.1:{free_port()}/0", "--input-root",
+                             str(roots / "in"), "--output-root", str(roots / "out"), "--model", "identity"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot reach Redis" in result.stderr and "redis-server --port" in result.stderr
+
+
+def test_clients_submit_follow_and_list_jobs(redis_server, roots):
+    clip = make_clip(roots / "in" / "w.mp4", frames=6, width=96, height=72, face_px=30, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots)
+    try:
+        common = ["--redis", redis_server.url, "--prefix", prefix]
+        result = subprocess.run([*CLI, "submit", str(clip.path), "-o", str(roots / "out" / "w.mp4"), "--id", "w",
+                                 "--option", f"faces={clip.faces_path}", "--option", "crf=20", "--wait", *common],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0] == "w" and json.loads(result.stdout.splitlines()[-1])["state"] == "done"
+        status = subprocess.run([*CLI, "status", "w", *common], capture_output=True, text=True, timeout=60)
+        assert json.loads(status.stdout)["state"] == "done"
+        listing = subprocess.run([*CLI, "jobs", *common], capture_output=True, text=True, timeout=60)
+        assert "w " in listing.stdout and "done" in listing.stdout
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_redis_urls_with_a_password_work_and_are_never_logged(tmp_path, roots):
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "auth", password="s3cret-pw").start()
+    try:
+        clip = make_clip(roots / "in" / "a.mp4", frames=3, width=96, height=72, face_px=30, audio=False)
+        prefix = unique_prefix()
+        daemon = Daemon(server, prefix, roots)
+        r = server.client()
+        r.xadd(f"{prefix}:jobs", {"id": "a", "input": str(clip.path), "output": str(roots / "out" / "a.mp4"),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        assert _wait_state(r, prefix, "a", {"done", "failed"})["state"] == "done"
+        assert daemon.stop() == 0
+        assert "s3cret-pw" not in daemon.text() and "***" in daemon.text()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port).ping()
+    finally:
+        server.stop()

@@ -1,0 +1,219 @@
+"""The tensor temporal blender (workers.temporal) against the OpenCV/ECC one it replaced
+(workers.temporal_reference) on the bench's kind of clips; batching; the state rules; and where
+the state lives between frames."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from streamer.faces.align import alignment
+from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut, make_clip, read_frames
+from workers import temporal
+from workers.temporal import TemporalBlender
+from workers.temporal_reference import ReferenceBlender
+
+BLEND = (0.85, 0.03)
+DEGRADE = dict(noise=6.0, blur=0.8, jpeg=45, jitter_px=1.5)  # bench/temporal.py's
+CLIPS = {
+    "static": dict(motion="static"),
+    "slow": dict(motion="slow"),
+    "fast": dict(motion="fast"),
+    "cut": dict(motion="slow", cut_at=0.5),
+    "occluder": dict(motion="slow", occluder=True),
+}
+
+
+def _track(tmp_path, name: str, frames: int, size: int) -> list[tuple]:
+    """(affine, degraded crop, clean crop, reset) per frame of a bench-like clip, cropped at the
+    jittered landmarks of its --faces file, as the pipeline does."""
+    opts = dict(CLIPS[name])
+    cut = int(frames * opts.pop("cut_at")) if "cut_at" in opts else None
+    clip = make_clip(tmp_path / f"{name}.mp4", frames=frames, face_px=110.0, cut_at=cut, audio=False, **opts,
+                     **DEGRADE)
+    degraded, *_ = read_frames(clip.path)
+    with open(clip.faces_path) as f:
+        marks = [np.array(json.loads(line)["faces"][0]["landmarks"]) for line in f]
+    track = []
+    for t in range(frames):
+        affine = alignment(marks[t], size)
+        crop, clean = (cv2.warpAffine(img, affine, (size, size), flags=cv2.INTER_CUBIC)
+                       for img in (degraded[t], clip.clean[t]))
+        track.append((affine, crop, clean, t == cut))
+    return track
+
+
+def _blend(blender, track) -> list[np.ndarray]:
+    return [blender.blend(("peer", "job", 0), t, affine, crop, crop, reset=reset).astype(float)
+            for t, (affine, crop, _, reset) in enumerate(track)]
+
+
+def _face(img: np.ndarray) -> np.ndarray:
+    s = img.shape[0]
+    return img[s // 4:3 * s // 4, s // 4:3 * s // 4]
+
+
+def _temporal_error(outs, track) -> float:
+    """bench/temporal.py's TE in crop space: mean |(out_t - out_t-1) - (clean_t - clean_t-1)|."""
+    clean = [c.astype(float) for _, _, c, _ in track]
+    return float(np.mean([_face(np.abs((outs[t] - outs[t - 1]) - (clean[t] - clean[t - 1]))).mean()
+                          for t in range(1, len(outs)) if not track[t][3]]))
+
+
+def _psnr(outs, track) -> float:
+    mse = np.mean([(_face(o - c) ** 2).mean() for o, (_, _, c, _) in zip(outs, track)])
+    return float(10 * np.log10(255**2 / mse))
+
+
+def _compare(tmp_path, name: str, frames: int, size: int, tolerance: float) -> None:
+    track = _track(tmp_path, name, frames, size)
+    reference, tensor = _blend(ReferenceBlender(*BLEND), track), _blend(TemporalBlender(*BLEND), track)
+    off = [crop.astype(float) for _, crop, _, _ in track]
+    assert abs(_temporal_error(tensor, track) - _temporal_error(reference, track)) <= tolerance
+    assert abs(_psnr(tensor, track) - _psnr(reference, track)) <= tolerance
+    assert np.mean([np.abs(a - b).mean() for a, b in zip(tensor, reference)]) < 0.75  # levels of 255
+    assert _psnr(tensor, track) > _psnr(off, track) - 0.2  # no ghosts: never much worse than no blending
+    for t, (_, crop, _, reset) in enumerate(track):
+        if reset:  # after a cut nothing of the old shot is left
+            assert np.array_equal(tensor[t], crop)
+
+
+@pytest.mark.parametrize("name", ["static", "slow", "cut", "occluder"])
+def test_the_tensor_blender_measures_like_the_one_it_replaced(tmp_path, name):
+    _compare(tmp_path, name, frames=16, size=256, tolerance=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CLIPS))
+def test_the_tensor_blender_measures_like_the_one_it_replaced_on_the_bench_clips(tmp_path, name):
+    _compare(tmp_path, name, frames=40, size=512, tolerance=0.03)
+
+
+def _jittered_crops(frames: int, size: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(frames):
+        affine = alignment(ASTRONAUT_LANDMARKS + rng.normal(0, 1.5, ASTRONAUT_LANDMARKS.shape), size)
+        crop = cv2.warpAffine(astronaut(), affine, (size, size), flags=cv2.INTER_CUBIC)
+        out.append((affine, np.clip(crop + rng.normal(0, 6, crop.shape), 0, 255).astype(np.uint8)))
+    return out
+
+
+# (track, frame, reset): consecutive frames of one track in one batch, a reset, a gap of more
+# than MAX_FRAME_GAP frames and one of just that, an interleaved second track, a frame going backwards
+BATCH = [(0, 0, False), (1, 0, False), (0, 1, False), (0, 2, False), (1, 1, False), (0, 3, True), (0, 4, False),
+         (0, 9, False), (1, 4, False), (1, 6, False), (0, 10, False), (0, 8, False)]
+
+
+def _batch_inputs(size: int = 96):
+    crops = _jittered_crops(len(BATCH), size, seed=1)
+    keys = [("peer", "job", track) for track, _, _ in BATCH]
+    frames = [frame for _, frame, _ in BATCH]
+    resets = [reset for _, _, reset in BATCH]
+    return keys, frames, resets, [a for a, _ in crops], np.stack([c for _, c in crops])
+
+
+def test_a_batch_gives_what_its_crops_give_one_at_a_time():
+    keys, frames, resets, affines, crops = _batch_inputs()
+    one_by_one = TemporalBlender(*BLEND)
+    singles = [one_by_one.blend(k, f, a, c, c, reset=r) for k, f, a, c, r in zip(keys, frames, affines, crops, resets)]
+    batched = TemporalBlender(*BLEND)
+    first = batched.blend_batch(keys[:5], frames[:5], affines[:5], torch.from_numpy(crops[:5]),
+                                torch.from_numpy(crops[:5]), resets[:5])
+    rest = batched.blend_batch(keys[5:], frames[5:], affines[5:], torch.from_numpy(crops[5:]),
+                               torch.from_numpy(crops[5:]), resets[5:])
+    assert np.array_equal(np.concatenate([first.numpy(), rest.numpy()]), np.stack(singles))
+    assert len(batched) == len(one_by_one) == 2
+
+
+def test_a_batch_keeps_the_state_rules():
+    keys, frames, resets, affines, crops = _batch_inputs()
+    out = TemporalBlender(*BLEND).blend_batch(keys, frames, affines, torch.from_numpy(crops),
+                                              torch.from_numpy(crops), resets).numpy()
+    fresh = [0, 1, 5, 7, 8, 11]  # first frames, the reset, after gaps of 3 and 5, and going backwards
+    for i in range(len(BATCH)):
+        assert np.array_equal(out[i], crops[i]) == (i in fresh), BATCH[i]
+
+
+def test_a_drop_waits_for_crops_in_the_model():
+    blender = TemporalBlender(*BLEND)
+    (a0, c0), (a1, c1) = _jittered_crops(2, 96, seed=2)
+    blender.blend(("peer", "job", 7), 0, a0, c0, c0)
+    blender.blend(("peer", "job", 8), 0, a0, c0, c0)
+    blender.hold([("peer", "job", 7)])
+    blender.drop(("peer", "job", 7))  # end of track overtakes its last crop
+    blender.drop(("peer", "job", 8))
+    assert len(blender) == 1
+    assert not np.array_equal(blender.blend(("peer", "job", 7), 1, a1, c1, c1), c1)  # still blended
+    blender.release([("peer", "job", 7)])
+    assert len(blender) == 0
+    blender.blend(("peer", "job", 7), 2, a1, c1, c1)
+    assert len(blender) == 1  # the deferred drop is spent
+
+
+def test_what_a_gpu_runs_gives_what_a_cpu_runs():
+    """The batched torch path, run on the CPU, against the per-crop OpenCV one, over batches
+    with consecutive frames of a track, a reset and gaps."""
+    keys, frames, resets, affines, crops = _batch_inputs(size=128)
+    outs = []
+    for blender in (TemporalBlender(*BLEND), TemporalBlender(*BLEND, opencv_on_cpu=False)):
+        outs.append(np.concatenate([blender.blend_batch(keys[s], frames[s], affines[s], torch.from_numpy(crops[s]),
+                                                        torch.from_numpy(crops[s]), resets[s]).numpy()
+                                    for s in (slice(0, 6), slice(6, None))]).astype(float))
+    diff = np.abs(outs[0] - outs[1])
+    assert diff.mean() < 0.01 and diff.max() <= 1
+
+
+def test_the_torch_kernels_agree_with_the_opencv_ones():
+    """What a GPU runs (torch, batched) against what a CPU runs (OpenCV, crop by crop)."""
+    size = 256
+    (_, crop), (_, previous) = _jittered_crops(2, size, seed=3)
+    crops = torch.from_numpy(np.stack([crop, previous]))
+    assert (temporal._thumbnails_torch(crops) - temporal._thumbnails_opencv(crops)).abs().max() < 1e-3
+    theta = np.array([[0.99, 0.02, 0.013], [-0.015, 1.01, -0.02], [0, 0, 1]])
+    weight = np.random.default_rng(4).uniform(0, 0.85, (1, 1, temporal.LOWPASS_SIZE, temporal.LOWPASS_SIZE))
+    weight = weight.astype(np.float32)
+    state = previous.astype(np.float32)
+    cpu = temporal._blend_on_cpu(state, theta, weight[0, 0], crop, np.empty_like(crop))
+    gpu_way = temporal._blend_batched(torch.from_numpy(state[None]), torch.tensor(theta[None], dtype=torch.float32),
+                                      torch.from_numpy(weight), torch.from_numpy(crop[None]), torch.float32)[0].numpy()
+    inner = slice(8, -8)  # the two repeat the border in their own ways
+    diff = np.abs(cpu - gpu_way)[inner, inner]
+    assert diff.mean() < 0.05 and diff.max() < 3  # OpenCV places samples to 1/32 pixel
+
+
+def _device_run(device: torch.device, dtype: torch.dtype):
+    crops = _jittered_crops(6, 128, seed=5)
+    blender = TemporalBlender(*BLEND)
+    outs = []
+    for step in range(3):  # two tracks, frames in pairs: later calls start from stored states
+        picked = crops[2 * step:2 * step + 2]
+        x = torch.from_numpy(np.stack([c for _, c in picked])).to(device)
+        outs.append(blender.blend_batch([("p", "j", 0), ("p", "j", 0)], [2 * step, 2 * step + 1],
+                                        [a for a, _ in picked], x, x.to(dtype), [False, False], run_dtype=dtype))
+    return blender, outs
+
+
+def test_the_state_never_leaves_the_device():
+    """On the meta device, where tensors have no data, anything that brought the state (or any
+    tensor) back to the host between or within frames would raise."""
+    blender, outs = _device_run(torch.device("meta"), torch.float16)
+    assert all(o.device.type == "meta" and o.dtype == torch.uint8 for o in outs)
+    assert len(blender) == 1
+    for state in blender._tracks.values():
+        assert state.output.device.type == "meta" and state.lowpass.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_on_a_gpu_the_state_stays_there_and_the_result_matches_the_cpu(dtype):
+    blender, outs = _device_run(torch.device("cuda"), dtype)
+    for state in blender._tracks.values():
+        assert state.output.is_cuda and state.lowpass.is_cuda
+        assert state.output.dtype == temporal.blend_dtype(torch.device("cuda"), dtype)
+    _, cpu = _device_run(torch.device("cpu"), torch.float32)
+    for gpu_out, cpu_out in zip(outs, cpu):
+        diff = (gpu_out.cpu().float() - cpu_out.float()).abs()
+        assert diff.mean() < 0.3 and diff.max() < 12

@@ -1,0 +1,304 @@
+"""Memory budgets: how much a model needs, and per-GPU leases in Redis so that several worker
+processes on one GPU never hold more than the GPU has, whatever order they start in.
+
+The memory model (DESIGN.md section 7): a model at batch b needs
+
+    weights (at the run dtype)  +  per_crop x b  +  workspace
+
+``weights`` is counted from the parameters; ``per_crop`` and ``workspace`` are *measured*
+(``calibrate``): the peak memory of a batch of 1 and of a batch of 2, on CUDA from
+``torch.cuda.max_memory_allocated``, on the CPU from the growth of the process's peak resident
+memory (VmHWM, reset between runs through /proc/self/clear_refs).
+
+A lease is one field of the GPU's hash ``<prefix>:gpu:<host>:<index>``:
+
+    total_mib           the budget (torch.cuda.mem_get_info's total, or worker.memory_budget_mib)
+    lease:<holder>      "<mib>:<expires, ms since the epoch>"
+
+taken, renewed and released by Lua scripts (atomic: check what is free and reserve, or refuse).
+Holders renew on every heartbeat; a lease whose holder died expires and is reclaimed by the
+next acquire.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+LEASE_TTL_S = 10.0
+
+# KEYS[1] the GPU hash. ARGV: holder, MiB wanted, ttl ms, total MiB (used if the hash has none).
+# Returns {1, free after} when reserved, {0, free now} when refused. Expired leases are removed.
+ACQUIRE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('HEXISTS', KEYS[1], 'total_mib') == 0 then
+  redis.call('HSET', KEYS[1], 'total_mib', ARGV[4])
+end
+local total = tonumber(redis.call('HGET', KEYS[1], 'total_mib'))
+local mine = 'lease:' .. ARGV[1]
+local used = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local name, value = fields[i], fields[i + 1]
+  if string.sub(name, 1, 6) == 'lease:' then
+    local sep = string.find(value, ':')
+    local mib, expires = tonumber(string.sub(value, 1, sep - 1)), tonumber(string.sub(value, sep + 1))
+    if expires < now then
+      redis.call('HDEL', KEYS[1], name)
+    elseif name ~= mine then
+      used = used + mib
+    end
+  end
+end
+local want = tonumber(ARGV[2])
+if used + want > total then
+  return {0, total - used}
+end
+redis.call('HSET', KEYS[1], mine, ARGV[2] .. ':' .. (now + tonumber(ARGV[3])))
+return {1, total - used - want}
+"""
+
+# KEYS[1] the GPU hash. ARGV: holder, ttl ms. 1: renewed; 0: the lease was gone (expired, reclaimed).
+RENEW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local value = redis.call('HGET', KEYS[1], 'lease:' .. ARGV[1])
+if not value then return 0 end
+local sep = string.find(value, ':')
+if tonumber(string.sub(value, sep + 1)) < now then
+  redis.call('HDEL', KEYS[1], 'lease:' .. ARGV[1])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'lease:' .. ARGV[1], string.sub(value, 1, sep - 1) .. ':' .. (now + tonumber(ARGV[2])))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes a model needs at a batch size: weights + per_crop * batch + workspace."""
+
+    weights: int
+    per_crop: int
+    workspace: int
+
+    def needed(self, batch: int) -> int:
+        return self.weights + self.per_crop * batch + self.workspace
+
+    def largest_batch(self, budget: int, cap: int) -> int:
+        """The largest batch (<= cap) that fits in ``budget`` bytes; 0 if not even one."""
+        room = budget - self.weights - self.workspace
+        if room < self.per_crop:
+            return 0
+        return min(cap, room // max(self.per_crop, 1))
+
+
+def weights_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def _rss_peak() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _rss_now() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def _reset_rss_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps freed blocks for reuse; hand them back so the resident size before a run is
+    what is really in use (else a run that reuses them seems to need nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figures may read low
+        pass
+
+
+def peak_during(run, device: torch.device) -> int:
+    """Bytes a call of ``run()`` needed above what was in use before it (its peak)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    _give_back_freed_memory()
+    _reset_rss_peak()
+    before = _rss_now()
+    run()
+    return _rss_peak() - before
+
+
+def calibrate(restorer, device: torch.device, *, weights: int, batch: int = 4) -> MemoryModel:
+    """Measure ``per_crop`` and ``workspace`` of a freshly loaded ``restorer`` with three runs:
+    the first (batch 1) also builds what the model keeps after its first call (cached derived
+    weights), then a batch of ``batch`` (the batch it will run: activation memory is not quite
+    linear in the batch) and a batch of 1 again.
+    per_crop = (peak(batch) - peak(1)) / (batch - 1); workspace = what the first run needed
+    beyond one crop (those caches, and scratch space)."""
+    import numpy as np
+
+    batch = max(2, batch)
+    crops = np.zeros((batch, restorer.size, restorer.size, 3), np.uint8)
+    first = peak_during(lambda: restorer.restore(crops[:1]), device)
+    many = peak_during(lambda: restorer.restore(crops), device)
+    one = peak_during(lambda: restorer.restore(crops[:1]), device)
+    per_crop = max((many - one) // (batch - 1), 1)
+    workspace = max(first - per_crop, 0)
+    model = MemoryModel(weights, per_crop, workspace)
+    log.info("%s at %d px on %s: weights %.0f MiB, %.0f MiB per crop, workspace %.0f MiB", restorer.name, restorer.size,
+             device, weights / MIB, per_crop / MIB, workspace / MIB)
+    return model
+
+
+def device_total_mib(device: torch.device, configured_mib: int) -> int:
+    """The budget of a device: the configured figure, else the GPU's total memory, else (a
+    CPU) the machine's memory."""
+    if configured_mib:
+        return configured_mib
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1] // MIB
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB
+
+
+# ---------------------------------------------------------------------- leases
+
+
+class GpuBudget:
+    """One holder's lease on one device's budget, renewed by a thread of its own from the
+    first grant until ``release`` (loading a large model can outlast the lease's TTL)."""
+
+    def __init__(self, redis, key: str, holder: str, total_mib: int, ttl_s: float = LEASE_TTL_S):
+        self.redis, self.key, self.holder = redis, key, holder
+        self.total_mib, self.ttl_ms = total_mib, int(ttl_s * 1000)
+        self._acquire = redis.register_script(ACQUIRE_LUA)
+        self._renew = redis.register_script(RENEW_LUA)
+        self.mib = 0  # what we hold now
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, mib: int) -> bool:
+        """Hold ``mib`` (replacing what we held); False if the device cannot spare it."""
+        ok, free = self._acquire(keys=[self.key], args=[self.holder, int(mib), self.ttl_ms, self.total_mib])
+        if ok:
+            self.mib = int(mib)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._keep, name="memory-lease", daemon=True)
+                self._thread.start()
+        else:
+            log.info("memory budget %s: %d MiB wanted, %d MiB free", self.key, mib, free)
+        return bool(ok)
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            try:
+                self.renew()
+            except Exception as exc:  # Redis away: the lease may lapse; acquire() again when it is back
+                log.warning("could not renew the memory lease on %s: %s", self.key, exc)
+
+    def renew(self) -> bool:
+        """Extend the lease; False if it was lost (then acquire again)."""
+        if not self.mib:
+            return True
+        renewed = bool(self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]))
+        if not renewed:
+            log.warning("memory lease on %s expired; taking it again", self.key)
+            renewed = self.acquire(self.mib)
+        return renewed
+
+    def release(self) -> None:
+        self._stop.set()
+        self.redis.hdel(self.key, f"lease:{self.holder}")
+        self.mib = 0
+
+
+def leases(redis, key: str) -> dict[str, int]:
+    """Live leases of a device: holder -> MiB (expired ones left out)."""
+    now_ms = int(time.time() * 1000)
+    out = {}
+    for name, value in redis.hgetall(key).items():
+        name = name.decode() if isinstance(name, bytes) else name
+        if name.startswith("lease:"):
+            mib, expires = (value.decode() if isinstance(value, bytes) else value).split(":")
+            if int(expires) >= now_ms:
+                out[name[6:]] = int(mib)
+    return out
+
+
+# ---------------------------------------------------------------------- a worker inside its lease
+
+WAIT_FOR_MEMORY_S = 2.0  # how often a worker that could not get its lease asks again
+
+
+def checkpoint_bytes(name: str, weights, dtype: torch.dtype) -> int:
+    """The weights' size at the run dtype, read from the checkpoint's tensor shapes (nothing is
+    loaded onto the device)."""
+    from gpen.checkpoint import read_state_dict
+    from gpen.weights import locate
+
+    from workers.restorers import needs_weights
+
+    if not needs_weights(name):
+        return 0
+    state = read_state_dict(locate(name, weights, allow_download=False), mmap=True)
+    return sum(t.numel() for t in state.values()) * torch.empty((), dtype=dtype).element_size()
+
+
+def reserve_for_loading(budget: GpuBudget, name: str, settings, dtype: torch.dtype, stop=None) -> None:
+    """Before a model is loaded: hold what we hold plus twice its weights (the weights, and
+    room for the calibration batches that measure its activations), waiting until the device
+    can spare it."""
+    need = budget.mib + -(-2 * checkpoint_bytes(name, settings.models.get(name), dtype) // MIB)
+    _acquire_waiting(budget, need, f"loading {name}", stop)
+
+
+def fit_batch(budget: GpuBudget, restorers: dict, device: torch.device, cap: int, stop=None) -> int:
+    """Measure each model, then hold exactly what the largest batch that fits needs (all models
+    at that batch), never less than batch 1: a worker that cannot have that waits."""
+    models = [calibrate(r, device, weights=r.weights_bytes(), batch=cap) for r in restorers.values()]
+    for batch in range(cap, 0, -1):
+        need = -(-sum(m.needed(batch) for m in models) // MIB)
+        if budget.acquire(need):
+            if batch < cap:
+                log.warning("memory budget: batch %d instead of %d (%d MiB leased)", batch, cap, need)
+            return batch
+    _acquire_waiting(budget, -(-sum(m.needed(1) for m in models) // MIB), "batch 1", stop)
+    return 1
+
+
+def _acquire_waiting(budget: GpuBudget, mib: int, what: str, stop) -> None:
+    while not budget.acquire(mib):
+        log.warning("waiting for %d MiB on %s (%s); other workers hold the rest", mib, budget.key, what)
+        if stop is not None and stop.wait(WAIT_FOR_MEMORY_S):
+            raise InterruptedError("stopped while waiting for memory")
+        if stop is None:
+            time.sleep(WAIT_FOR_MEMORY_S)
