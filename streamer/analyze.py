@@ -57,6 +57,14 @@ class Analyzer:
             return found
         return search
 
+    def _keep_largest(self, detections: list[Face]) -> list[Face]:
+        """Only faces that could be restored are tracked: big enough, and the largest few (a
+        few more than ``max_faces``, so a face that shrinks below another keeps its track).
+        Tracking every weak detection of a busy picture costs more than detecting it."""
+        keep = [d for d in detections if d.size >= self.settings.min_face]
+        cap = 2 * self.settings.max_faces + 2
+        return sorted(keep, key=lambda f: f.size, reverse=True)[:cap] if len(keep) > cap else keep
+
     def __call__(self, item: DecodedFrame) -> FrameTask:
         if item.frame.format.name != self.layout.pix_fmt:  # once, for analysis and for the encoder
             item.frame = item.frame.reformat(format=self.layout.pix_fmt, dst_colorspace=self.layout.colorspace,
@@ -75,6 +83,7 @@ class Analyzer:
             detections = self.detector.detect(rgb, self.info.rotation_steps, threshold=self.settings.detect_threshold,
                                               max_side=self.settings.detect_max_side)
             self.detect_s += time.perf_counter() - started
+            detections = self._keep_largest(detections)
         else:
             detections = None
         search = self._region_search(frame) if detections is None and self.detector is not None else None

@@ -145,12 +145,18 @@ class _Run:
         self._lock = threading.Lock()
         self.timings: dict[str, float] = {}
         self.exited: list[threading.Event] = []
+        self.on_stop: Callable[[], None] | None = None  # wakes a source that blocks waiting for input
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
             if self.error is None:
                 self.error = exc
+        self.halt()
+
+    def halt(self) -> None:
         self.stop.set()
+        if self.on_stop is not None:
+            self.on_stop()
 
     def spawn(self, name: str, target: Callable[[], None]) -> threading.Event:
         exited = threading.Event()
@@ -212,6 +218,7 @@ def run_job(engine, source, sink, options: JobOptions, *, policy: JobPolicy = FI
             raise Cancelled("cancelled")
 
     run = _Run()
+    run.on_stop = getattr(source, "interrupt", None)  # a live source waits for its camera; files never wait
     dispatcher = None
     try:
         check_cancel()
@@ -271,7 +278,7 @@ def run_job(engine, source, sink, options: JobOptions, *, policy: JobPolicy = FI
             dump.abort()
         raise
     finally:
-        run.stop.set()
+        run.halt()
         if _wait_for_stages(run):
             source.close()
         if dispatcher is not None:
@@ -377,7 +384,9 @@ class _Stages:
             run.timed("compose", started)
             started = time.perf_counter()
             if self.last is not None and task.item.pts <= self.last.item.pts:  # after repeats of the last picture
-                task.item.pts = self.last.item.pts + 1
+                # a millisecond later at least: containers that count milliseconds (Matroska, FLV) keep them apart
+                task.item.pts = self.last.item.pts + max(1, round(0.001 / float(self.source.info.time_base)))
+                task.item.time_s = float(task.item.pts * self.source.info.time_base)
             sink.write(frame, task.item.pts)
             self._copy_packets(until_s=task.item.time_s - self.source.info.start_s + PASSTHROUGH_LEAD_S)
             run.timed("encode", started)

@@ -134,13 +134,18 @@ def _centres(side: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(side, dtype=torch.float32, device=device) * 2 + 1) / side - 1
 
 
-def _grid(theta: torch.Tensor, side: int) -> torch.Tensor:
-    """grid_sample's N x side x side x 2 sampling grid for warps theta (N x 3 x 3)."""
+def _sources(theta: torch.Tensor, side: int) -> torch.Tensor:
+    """N x 2 x side x side: where each pixel's x and y come from under warps theta (N x 3 x 3)."""
     c = _centres(side, theta.device)
     x, y = c.view(1, 1, 1, side), c.view(1, 1, side, 1)
     t = theta[:, :2, :, None, None]
-    planes = x * t[:, :, 0] + y * t[:, :, 1] + t[:, :, 2]  # N x 2 x side x side: where x and y come from
-    return planes.permute(0, 2, 3, 1)  # a view: on a CPU, planes are many times faster to build than pairs
+    return x * t[:, :, 0] + y * t[:, :, 1] + t[:, :, 2]
+
+
+def _grid(theta: torch.Tensor, side: int) -> torch.Tensor:
+    """grid_sample's N x side x side x 2 sampling grid for warps theta: a view of the planes,
+    which on a CPU are many times faster to build than (x, y) pairs."""
+    return _sources(theta, side).permute(0, 2, 3, 1)
 
 
 def _sample(images: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Tensor:
@@ -154,15 +159,6 @@ def _residual(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor) -> tor
     return (_sample(prev, theta, "border") - cur).abs().mean(dim=(1, 2, 3))
 
 
-def _gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """d/dx, d/dy per normalised unit: central differences (per pixel: / 2; per unit: * side / 2)."""
-    side = images.shape[-1]
-    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
-    gx = (padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]) * (side / 4)
-    gy = (padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]) * (side / 4)
-    return gx, gy
-
-
 def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, steps: int) -> torch.Tensor:
     """Refine warps theta so that gain * prev(theta(x)) + bias ~ cur(x) in the least-squares
     sense over the pixels that land inside prev; with the best gain and bias that is ECC's
@@ -173,22 +169,26 @@ def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, st
     n, _, side, _ = cur.shape
     c = _centres(side, cur.device)
     u, v = c.view(1, 1, 1, side), c.view(1, 1, side, 1)
-    # the least-squares system's columns: J (6), W (for the gain), 1 (the bias), and cur
+    # the least-squares system's columns, written in place: J (6), W (for the gain), 1 (the
+    # bias), and cur. J holds the central differences unscaled, pixel[x+1] - pixel[x-1]: twice
+    # the slope per pixel, side / 4 times the slope per normalised unit, by which the step is
+    # divided at the end instead of scaling every pixel
     columns = torch.empty((n, 9, side, side), device=cur.device)
     columns[:, 8:] = cur
+    gx, gy = columns[:, 2:3], columns[:, 5:6]
     identity = torch.eye(3, device=cur.device)
     for _ in range(steps):
-        grid = _grid(theta, side)
-        warped = F.grid_sample(prev, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        inside = (grid.abs().amax(dim=-1) <= 1).unsqueeze(1).float()  # only these pixels count
-        gx, gy = _gradients(warped)
-        gx, gy = gx * inside, gy * inside
+        sources = _sources(theta, side)
+        warped = F.grid_sample(prev, sources.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
+                               align_corners=False)
+        inside = (sources.abs().amax(dim=1, keepdim=True) <= 1).float()  # only these pixels count
+        padded = F.pad(warped, (1, 1, 1, 1), mode="replicate")
+        torch.sub(padded[:, :, 1:-1, 2:], padded[:, :, 1:-1, :-2], out=gx).mul_(inside)
+        torch.sub(padded[:, :, 2:, 1:-1], padded[:, :, :-2, 1:-1], out=gy).mul_(inside)
         torch.mul(gx, u, out=columns[:, 0:1])
         torch.mul(gx, v, out=columns[:, 1:2])
-        columns[:, 2:3] = gx
         torch.mul(gy, u, out=columns[:, 3:4])
         torch.mul(gy, v, out=columns[:, 4:5])
-        columns[:, 5:6] = gy
         torch.mul(warped, inside, out=columns[:, 6:7])
         columns[:, 7:8] = inside
         flat = columns.view(n, 9, side * side)
@@ -196,7 +196,7 @@ def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, st
         lhs, rhs = normal[..., :8], normal[..., 8:]
         lhs.diagonal(dim1=1, dim2=2).mul_(1 + 1e-6).add_(1e-6)  # a whisker of damping: flat images solve to 0
         solution = torch.linalg.solve_ex(lhs, rhs).result  # solve() would check for errors: a GPU sync
-        step = solution[:, :6] / solution[:, 6:7].clamp(min=MIN_GAIN)
+        step = solution[:, :6] / solution[:, 6:7].clamp(min=MIN_GAIN) * (4 / side)
         theta = theta @ (identity + F.pad(step.view(n, 2, 3), (0, 0, 0, 1)))
     return theta
 

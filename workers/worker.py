@@ -24,9 +24,11 @@ import zmq
 
 from workers import metrics, wire
 from workers.restorers import Restorer
+from workers.batching import take_batch
 from workers.temporal import TemporalBlender
 
 log = logging.getLogger(__name__)
+
 
 def single_torch_thread() -> None:
     """Makes torch run the calling thread's CPU work on that one thread (the blend thread's
@@ -268,8 +270,8 @@ class Worker:
             pass
 
     def _start_next(self, flush: bool) -> _Batch | None:
-        """The ready queue whose oldest crop waited longest: up to ``batch`` of its crops go to
-        the model thread (those past their deadline are answered here instead)."""
+        """The ready queue whose oldest crop waited longest: up to ``batch`` of its crops
+        (``workers.batching``: deadlines first, then its decoders in turn) go to the model thread (those past their deadline are answered here instead)."""
         while True:
             now = time.monotonic()
             ready = [(q[0].arrived, name) for name, q in self._pending.items()
@@ -280,7 +282,7 @@ class Worker:
             queue = self._pending[name]
             items, late = [], []
             wall = time.time()
-            for p in [queue.popleft() for _ in range(min(self.batch, len(queue)))]:
+            for p in take_batch(queue, self.batch):  # deadlines first, then decoders in turn
                 (late if p.crop.deadline is not None and p.crop.deadline < wall else items).append(p)
             for p in late:
                 self._send_error(p, "deadline passed before the crop was restored")
@@ -332,7 +334,7 @@ class Worker:
         return outputs.contiguous().cpu().numpy(), failed  # HWC per crop, as the wire sends it
 
     def _finish(self, batch: _Batch) -> None:
-        """Reply for a batch the model thread is done with (waiting for it if need be)."""
+        """Reply for a batch the blend thread is done with (waiting for it if need be)."""
         try:
             outputs, failed = batch.outcome.result()
         except Exception as exc:  # a failing batch must not take the worker down

@@ -32,6 +32,8 @@ from streamer.faces.face import Face, display_transform, transform_face, transfo
 log = logging.getLogger(__name__)
 
 NETWORKS = {"retinaface_resnet50": "resnet50", "retinaface_mobile0.25": "mobile0.25"}
+# The most faces one picture can yield (by score); a crowd beyond it is not a restoration job.
+MAX_DETECTIONS = 100
 NMS_THRESHOLD = 0.4
 
 
@@ -173,8 +175,10 @@ class FaceDetector:
         """Faces the network finds in ``view`` of ``rgb``, in coded-frame pixels."""
         dets = self.net.detect_faces(view.image(rgb), conf_threshold=threshold, nms_threshold=NMS_THRESHOLD,
                                      use_origin_size=True)
+        dets = np.asarray(dets, dtype=np.float64).reshape(-1, 15)
+        dets = dets[np.argsort(-dets[:, 4], kind="stable")[:MAX_DETECTIONS]]
         faces = []
-        for det in np.asarray(dets, dtype=np.float64).reshape(-1, 15):
+        for det in dets:
             if np.all(np.isfinite(det)):
                 faces.append(view.to_frame(Face(landmarks=det[5:15].reshape(5, 2), box=det[:4], score=float(det[4]))))
         return faces

@@ -87,5 +87,13 @@ def run_live(engine, stream: LiveStream, options: JobOptions, settings: LiveSett
     latency_s = settings.latency_ms / 1000
     policy = live_policy(latency_s, hold_s=settings.hold_frames / fps)
     in_flight = max(4, math.ceil(latency_s * fps) + 2)  # more would only queue frames that will be late
-    return engine.run(source, sink, options, policy=policy, progress=progress, cancel=cancel, job_id=job_id,
+
+    def report(p: Progress) -> None:
+        if p.live is not None:  # what the outputs could not take in time counts as dropped too
+            p.live["dropped_out"] = sum(s.dropped for s in sinks)
+            p.live["output_reconnects"] = sum(s.reconnects for s in sinks)
+        if progress is not None:
+            progress(p)
+
+    return engine.run(source, sink, options, policy=policy, progress=report, cancel=cancel, job_id=job_id,
                       max_in_flight=in_flight)

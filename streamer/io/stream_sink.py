@@ -1,0 +1,315 @@
+"""Live outputs: publish to a media server (``rtsp://``, ``rtmp://``, ``srt://``), send MPEG-TS
+over ``udp://``, keep a rolling HLS window on disk (``.m3u8``), or record (``.mkv``, ``.ts``,
+``.mp4``; ``segment_time_s`` splits a recording into numbered files).
+
+Each output encodes and writes in its own thread behind a small queue, so a slow disk or a
+media server that went away never holds the job (or the other outputs) up: when the queue is
+full the oldest entry goes and ``dropped`` counts it. A network output that fails is reopened
+with backoff (1 s doubling to 30 s) while the job goes on; frames sent meanwhile are dropped.
+A file output that fails (disk full) fails the job.
+
+Ending is the same whether the job was cancelled or its input ended: the encoder is flushed
+and the files are closed, so a recording or an HLS playlist is playable to its last frame
+(a live output has no "nothing was written" state to go back to: what was sent was seen).
+
+Encoding is tuned for live pictures: x264 with ``tune=zerolatency``, no B-frames, one
+keyframe a second (HLS segments and late joiners start there) and one thread per picture
+(zerolatency's sliced threads come out corrupted through some RTSP relays).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import av
+
+from configs.errors import InputError
+from streamer.io.probe import MediaError, VideoInfo
+from streamer.io.sink import DEFAULT_CODEC, add_video_stream, output_pix_fmt
+from streamer.serve.connection import redact
+
+log = logging.getLogger(__name__)
+
+QUEUE_ITEMS = 16  # frames (and packets) waiting for one output
+CONNECT_TIMEOUT_S = 5.0  # connecting to a media server, and each write to it
+BACKOFF_MAX_S = 30.0
+CLOSE_WAIT_S = 5.0  # flushing and closing an output at the end
+RECORDING_MUXERS = {".mkv": "matroska", ".ts": "mpegts", ".mp4": "mp4"}
+NETWORK_MUXERS = {"rtsp": "rtsp", "rtsps": "rtsp", "rtmp": "flv", "rtmps": "flv", "srt": "mpegts", "udp": "mpegts"}
+X264_LIVE = {"tune": "zerolatency", "x264-params": "sliced-threads=0", "bf": "0"}
+_CLOSE = object()
+
+
+def open_sink(target: str, *, codec: str | None, crf: float, preset: str, segment_time_s: float | None = None,
+              hls_time_s: float = 2.0, hls_list_size: int = 6, transport: str = "tcp") -> "StreamSink":
+    """The live output for ``target`` (a URL or a path); checks what can be checked at once."""
+    scheme = urlsplit(target).scheme.lower() if "://" in target else ""
+    if scheme:
+        if scheme not in NETWORK_MUXERS:
+            raise InputError(f"live output {redact(target)}: {scheme}:// is not an output gpen-stream can publish to "
+                             f"(use {', '.join(s + '://' for s in NETWORK_MUXERS)}, a .m3u8 playlist or a recording)")
+        options = {"rtsp_transport": transport} if NETWORK_MUXERS[scheme] == "rtsp" else {}
+        if scheme == "udp":
+            options["pkt_size"] = "1316"  # seven TS packets: one datagram without IP fragmentation
+        return StreamSink(target, NETWORK_MUXERS[scheme], options, codec=codec, crf=crf, preset=preset, network=True)
+    path = Path(target)
+    if not path.parent.is_dir():
+        raise MediaError(f"live output folder does not exist: {path.parent}")
+    suffix = path.suffix.lower()
+    if suffix == ".m3u8":
+        options = {"hls_time": f"{hls_time_s:g}", "hls_list_size": str(hls_list_size),
+                   # readers never see a half-written segment or playlist; old segments are removed
+                   "hls_flags": "delete_segments+temp_file+independent_segments",
+                   "hls_segment_filename": str(path.with_name(path.stem + "-%06d.ts"))}
+        return StreamSink(str(path), "hls", options, codec=codec, crf=crf, preset=preset, gop_s=min(1.0, hls_time_s))
+    if suffix not in RECORDING_MUXERS:
+        raise MediaError(f"live output {path}: use a URL (rtsp://, rtmp://, srt://, udp://), an HLS playlist "
+                         f"(.m3u8) or a recording ({', '.join(RECORDING_MUXERS)})")
+    muxer = RECORDING_MUXERS[suffix]
+    options = {"movflags": "frag_keyframe+empty_moov+default_base_moof"} if muxer == "mp4" else {}
+    if segment_time_s:  # numbered files: name-000000.mkv, name-000001.mkv, ...
+        options = {"segment_time": f"{segment_time_s:g}", "segment_format": muxer, "reset_timestamps": "1",
+                   **({"segment_format_options": "movflags=frag_keyframe+empty_moov"} if muxer == "mp4" else {})}
+        return StreamSink(str(path.with_name(path.stem + "-%06d" + path.suffix)), "segment", options,
+                          codec=codec, crf=crf, preset=preset)
+    return StreamSink(str(path), muxer, options, codec=codec, crf=crf, preset=preset)
+
+
+class StreamSink:
+    """One live output (see the module's notes). Implements the pipeline's ``Sink``."""
+
+    def __init__(self, target: str, muxer: str, options: dict[str, str], *, codec: str | None, crf: float,
+                 preset: str, network: bool = False, gop_s: float = 1.0):
+        self.target, self.muxer, self.options = target, muxer, options
+        self.name = redact(target) if network else target
+        self.codec, self.crf, self.preset = codec or DEFAULT_CODEC, crf, preset
+        self.network, self.gop_s = network, gop_s
+        self.dropped = self.reconnects = 0
+        self.error: BaseException | None = None
+        self._queue: deque = deque()
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.container = None
+        self._next_try = 0.0
+        self._backoff = 1.0
+
+    # ------------------------------------------------------------------ the job's side
+
+    def open(self, info: VideoInfo, copied: list) -> str:
+        self.info, self.copied = info, copied
+        self.pix_fmt = output_pix_fmt(info, self.codec)
+        if not self.network:  # a file that cannot be written fails the job now, not later
+            self._connect()
+        self._thread = threading.Thread(target=self._write_loop, name=f"output {self.name}", daemon=True)
+        self._thread.start()
+        return self.pix_fmt
+
+    def write(self, frame: av.VideoFrame, pts: int) -> None:
+        self._put(("frame", frame, pts))
+
+    def copy(self, packet: av.Packet) -> None:
+        self._put(("packet", packet, None))
+
+    def commit(self) -> Path | None:
+        self._finish()
+        if self.error is not None:
+            raise self.error
+        return None if self.network else Path(self.target)
+
+    def abort(self) -> None:
+        self._finish()
+
+    # ------------------------------------------------------------------ the output's thread
+
+    def _put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        with self._ready:
+            if len(self._queue) >= QUEUE_ITEMS:  # this output is behind: the newest picture wins
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(item)
+            self._ready.notify()
+
+    def _finish(self) -> None:
+        if self._thread is None:
+            self._close_container(flush=False)
+            return
+        with self._ready:
+            self._queue.append(_CLOSE)
+            self._ready.notify()
+        self._thread.join(CLOSE_WAIT_S)
+        if self._thread.is_alive():
+            log.warning("%s: the output did not close within %.0f s", self.name, CLOSE_WAIT_S)
+        self._thread = None
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                item = self._queue.popleft()
+            if item is _CLOSE:
+                self._close_container(flush=True)
+                if self.dropped:
+                    log.warning("%s: %d frames or packets were dropped because the output fell behind", self.name,
+                                self.dropped)
+                return
+            if self.error is not None:
+                continue
+            if self.container is None and not self._reconnect():
+                self.dropped += 1
+                continue
+            kind, payload, pts = item
+            try:
+                if kind == "frame":
+                    self._encode(payload, pts)
+                else:
+                    self._mux_copy(payload)
+            except (av.error.FFmpegError, OSError) as exc:
+                self._failed(exc)
+
+    def _reconnect(self) -> bool:
+        if time.monotonic() < self._next_try:
+            return False
+        try:
+            self._connect()
+        except (av.error.FFmpegError, OSError, MediaError) as exc:
+            self._failed(exc)
+            return False
+        if self.reconnects or self._backoff > 1.0:
+            log.info("%s: connected again", self.name)
+        self._backoff = 1.0
+        return True
+
+    def _failed(self, exc: BaseException) -> None:
+        self._close_container(flush=False)
+        if not self.network:
+            self.error = MediaError(f"writing {self.name} failed: {exc}")
+            return
+        self.reconnects += 1
+        log.warning("%s: %s; reconnecting in %.0f s", self.name, str(exc).split(";")[0], self._backoff)
+        self._next_try = time.monotonic() + self._backoff
+        self._backoff = min(2 * self._backoff, BACKOFF_MAX_S)
+
+    def _connect(self) -> None:
+        try:
+            if self.network:
+                container = av.open(self.target, "w", format=self.muxer, options=self.options,
+                                    timeout=(CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
+            else:
+                container = av.open(self.target, "w", format=self.muxer, options=self.options)
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise MediaError(f"cannot open live output {self.name}: {exc}") from None
+        try:
+            self._add_streams(container)
+            container.start_encoding()  # connects to a media server, writes a file's header
+        except BaseException:
+            try:
+                container.close()
+            except Exception:  # it never worked; the first error is the one to report
+                pass
+            raise
+        self.container = container
+        self._last_pts = None
+
+    def _add_streams(self, container) -> None:
+        fps = float(self.info.rate) if self.info.rate else 25.0
+        options = dict(X264_LIVE, g=str(max(1, math.ceil(fps * self.gop_s)))) if self.codec == "libx264" else {}
+        self.video = add_video_stream(container, self.info, codec=self.codec, crf=self.crf, preset=self.preset,
+                                      pix_fmt=self.pix_fmt, where=self.name, extra_options=options)
+        self.stream_map = {}
+        for s in self.copied:
+            try:
+                self.stream_map[s.index] = container.add_stream_from_template(s)
+            except (ValueError, av.error.FFmpegError) as exc:
+                log.warning("%s: not carrying %s stream #%d (%s)", self.name, s.type, s.index, exc)
+
+    def _encode(self, frame: av.VideoFrame, pts: int) -> None:
+        if self._last_pts is not None and pts <= self._last_pts:
+            return
+        self._last_pts = pts
+        # The same frame may be queued for other outputs too: they all write the same values.
+        frame.pts, frame.time_base = pts, self.info.time_base
+        frame.pict_type = av.video.frame.PictureType.NONE
+        for packet in self.video.encode(frame):
+            self.container.mux(packet)
+
+    def _mux_copy(self, packet: av.Packet) -> None:
+        out = self.stream_map.get(packet.stream.index)
+        if out is None:
+            return
+        # a packet of its own: the muxer rescales timestamps in place, and other outputs get the same packet
+        mine = av.Packet(bytes(packet))
+        mine.pts, mine.dts, mine.time_base = packet.pts, packet.dts, packet.time_base
+        mine.is_keyframe = packet.is_keyframe
+        mine.stream = out
+        self.container.mux(mine)
+
+    def _close_container(self, *, flush: bool) -> None:
+        container, self.container = self.container, None
+        if container is None:
+            return
+        try:
+            if flush:
+                for packet in self.video.encode(None):
+                    container.mux(packet)
+        except (av.error.FFmpegError, OSError) as exc:
+            log.warning("%s: finishing the stream failed: %s", self.name, exc)
+        try:
+            container.close()
+        except (av.error.FFmpegError, OSError) as exc:
+            log.warning("%s: closing failed: %s", self.name, exc)
+
+
+class TeeSink:
+    """Several live outputs fed the same frames; each keeps its own pace (see ``StreamSink``)."""
+
+    def __init__(self, sinks: list[StreamSink]):
+        self.sinks = sinks
+
+    @property
+    def dropped(self) -> int:
+        return sum(s.dropped for s in self.sinks)
+
+    def open(self, info: VideoInfo, copied: list) -> str:
+        formats = set()
+        try:
+            for sink in self.sinks:
+                formats.add(sink.open(info, copied))
+        except BaseException:
+            self.abort()
+            raise
+        if len(formats) > 1:
+            self.abort()
+            raise MediaError(f"the outputs need different pixel formats ({', '.join(sorted(formats))}); "
+                             "give them the same --codec")
+        return formats.pop()
+
+    def write(self, frame: av.VideoFrame, pts: int) -> None:
+        for sink in self.sinks:
+            sink.write(frame, pts)
+
+    def copy(self, packet: av.Packet) -> None:
+        for sink in self.sinks:
+            sink.copy(packet)
+
+    def commit(self) -> None:
+        errors = []
+        for sink in self.sinks:
+            try:
+                sink.commit()
+            except MediaError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def abort(self) -> None:
+        for sink in self.sinks:
+            sink.abort()
