@@ -281,10 +281,14 @@ def reserve_for_loading(budget: GpuBudget, name: str, settings, dtype: torch.dty
     _acquire_waiting(budget, need, f"loading {name}", stop)
 
 
-def fit_batch(budget: GpuBudget, restorers: dict, device: torch.device, cap: int, stop=None) -> int:
+def fit_batch(budget: GpuBudget, restorers: dict, device: torch.device, cap: int, stop=None,
+              measured: dict | None = None) -> int:
     """Measure each model, then hold exactly what the largest batch that fits needs (all models
-    at that batch), never less than batch 1: a worker that cannot have that waits."""
+    at that batch), never less than batch 1: a worker that cannot have that waits. The
+    measurements go into ``measured`` (name -> MemoryModel) when given."""
     models = [calibrate(r, device, weights=r.weights_bytes(), batch=cap) for r in restorers.values()]
+    if measured is not None:
+        measured.update(zip(restorers, models))
     for batch in range(cap, 0, -1):
         need = -(-sum(m.needed(batch) for m in models) // MIB)
         if budget.acquire(need):

@@ -3,6 +3,7 @@ Used by ``gpen-stream worker`` and by the workers a decoder starts for itself.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import torch
@@ -11,7 +12,9 @@ import zmq
 from configs import WorkerSettings
 from workers import metrics
 from workers.budget import fit_batch, reserve_for_loading
-from workers.restorers import build_restorer, resolve_device, resolve_dtype
+from workers.residency import Residency, ResidentRestorer
+from workers.restorers import (ModelUnavailable, build_restorer, crop_size, needs_weights, resolve_device,
+                               resolve_dtype)
 from workers.temporal import TemporalBlender
 from workers.worker import Worker
 
@@ -20,21 +23,52 @@ def build_worker(models: Iterable[str], settings: WorkerSettings, *, device: str
                  context: zmq.Context | None = None, allow_download: bool = True, worker_id: str | None = None,
                  budget=None) -> Worker:
     """A worker serving ``models`` on ``device`` (default: the settings' device). Checkpoints
-    come from ``settings.models`` (name -> file) or the weight cache. With a ``budget`` (a
-    ``workers.budget.GpuBudget``) the models are loaded, and the batch chosen, only inside the
-    memory lease it grants (``workers.budget.fit_batch``). Raises ModelUnavailable."""
+    come from ``settings.models`` (name -> file) or the weight cache. The first model is loaded
+    now, and the batch chosen for it; with a ``budget`` (a ``workers.budget.GpuBudget``) inside
+    the memory lease it grants (``workers.budget.fit_batch``), the other models load when a
+    crop needs them (``workers.residency``), without one they load now too. Every checkpoint is
+    located (downloaded if allowed) now: a missing one fails here. Raises ModelUnavailable."""
     dev = resolve_device(device or settings.device)
     dtype = resolve_dtype(settings.dtype, dev)
     if settings.threads:
         torch.set_num_threads(settings.threads)  # process-wide
-    restorers = {}
+    models = list(dict.fromkeys(models))
     for name in models:
-        if budget is not None:
-            reserve_for_loading(budget, name, settings, dtype)
-        restorers[name] = build_restorer(name, device=dev, dtype=dtype, weights=settings.models.get(name),
-                                         allow_download=allow_download)
-    metrics.MODEL_LOADS.labels(kind="restorer").inc(len(restorers))
-    batch = settings.batch if budget is None else fit_batch(budget, restorers, dev, settings.batch)
+        _locate(name, settings, allow_download)
+
+    def loader(name: str):
+        return lambda: build_restorer(name, device=dev, dtype=dtype, weights=settings.models.get(name),
+                                      allow_download=allow_download)
+
+    first = models[0]
+    if budget is not None:
+        reserve_for_loading(budget, first, settings, dtype)
+    restorer = loader(first)()
+    metrics.MODEL_LOADS.labels(kind="restorer").inc()
+    measured: dict = {}
+    batch = settings.batch if budget is None else fit_batch(budget, {first: restorer}, dev, settings.batch,
+                                                            measured=measured)
+    residency = Residency({name: loader(name) for name in models}, device=dev, dtype=dtype, batch=batch,
+                          budget=budget, weights=settings.models, idle_unload_s=settings.idle_unload_s)
+    residency.loaded[first] = restorer
+    residency.memory.update(measured)
+    residency.last_used[first] = time.monotonic()
+    if budget is None:
+        for name in models[1:]:
+            residency.get(name)
+    restorers = {name: ResidentRestorer(residency, name, crop_size(name, settings.models.get(name)),
+                                        dtype if needs_weights(name) else torch.float32) for name in models}
     return Worker(restorers, batch=batch, batch_wait_ms=settings.batch_wait_ms, credits=settings.credits,
-                  device=str(dev), context=context, worker_id=worker_id,
+                  device=str(dev), context=context, worker_id=worker_id, residency=residency,
                   blender=TemporalBlender(settings.blend_max, settings.blend_sigma))
+
+
+def _locate(name: str, settings: WorkerSettings, allow_download: bool) -> None:
+    crop_size(name, settings.models.get(name))  # an unknown name fails here
+    if needs_weights(name):
+        from gpen.weights import WeightsError, locate
+
+        try:
+            locate(name, settings.models.get(name), allow_download=allow_download)
+        except WeightsError as exc:
+            raise ModelUnavailable(str(exc)) from None

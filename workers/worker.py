@@ -66,8 +66,9 @@ class _Batch:
 class Worker:
     def __init__(self, restorers: dict[str, Restorer], *, batch: int, batch_wait_ms: float, blender: TemporalBlender,
                  credits: int = 0, device: str = "cpu", context: zmq.Context | None = None,
-                 worker_id: str | None = None, peer_timeout_s: float = wire.PEER_TIMEOUT_S):
-        self.restorers = restorers
+                 worker_id: str | None = None, peer_timeout_s: float = wire.PEER_TIMEOUT_S, residency=None):
+        self.restorers = restorers  # name -> Restorer, or ResidentRestorer (loaded on demand)
+        self.residency = residency  # workers.residency.Residency, when models load on demand
         self.batch = batch
         self.batch_wait = batch_wait_ms / 1000
         self.window = credits or 2 * batch
@@ -228,7 +229,8 @@ class Worker:
     def status(self) -> dict:
         """What the registry publishes about this worker (read from another thread: plain reads)."""
         queued = sum(len(q) for q in self._pending.values())
-        return {"models": list(self.restorers), "loaded": list(self.restorers), "batch": self.batch,
+        return {"models": list(self.restorers), "batch": self.batch,
+                "loaded": [n for n, r in self.restorers.items() if getattr(r, "loaded", True)],
                 "credits": self.window, "load": queued + sum(self._in_flight.values()), "restored": self.restored}
 
     def _credit(self, credits: int) -> wire.Credit:
@@ -239,6 +241,8 @@ class Worker:
         if now - self._last_heartbeat >= wire.HEARTBEAT_S:
             self._last_heartbeat = now
             self._expire_silent_peers(now)
+            if self.residency is not None and not self._batches:  # in the model thread: never under a batch
+                self._model_thread.submit(self.residency.unload_idle)
             for peer in self._peers:
                 self._send(peer, self._credit(0))
 
@@ -271,7 +275,8 @@ class Worker:
 
     def _start_next(self, flush: bool) -> _Batch | None:
         """The ready queue whose oldest crop waited longest: up to ``batch`` of its crops
-        (``workers.batching``: deadlines first, then its decoders in turn) go to the model thread (those past their deadline are answered here instead)."""
+        (``workers.batching``: deadlines first, then its decoders in turn) go to the model
+        thread (those past their deadline are answered here instead)."""
         while True:
             now = time.monotonic()
             ready = [(q[0].arrived, name) for name, q in self._pending.items()

@@ -132,9 +132,11 @@ class LiveSource:
     def close(self) -> None:
         self._halt.set()
         if self._thread is not None:
-            self._thread.join(2 * max(self.open_timeout_s, self.stall_s) + 1)
-            if self._thread.is_alive():  # stuck in FFmpeg past its own timeouts: it is a daemon thread
-                log.warning("%s: the input reader did not stop in time; leaving it behind", self.name)
+            # A reader inside a network open or read returns at its timeout at the latest, then
+            # closes its input itself; a stopping job does not wait that long for it.
+            self._thread.join(1.0)
+            if self._thread.is_alive():
+                log.debug("%s: the input reader stops at its next timeout", self.name)
 
     # ------------------------------------------------------------------ the reader thread
 

@@ -1,6 +1,7 @@
 """Live outputs: publish to a media server (``rtsp://``, ``rtmp://``, ``srt://``), send MPEG-TS
 over ``udp://``, keep a rolling HLS window on disk (``.m3u8``), or record (``.mkv``, ``.ts``,
-``.mp4``; ``segment_time_s`` splits a recording into numbered files).
+``.mp4``, fragmented so a cut-off file plays; ``segment_time_s`` splits a recording into files
+named by their start time). An existing recording is never overwritten: a new one goes beside it.
 
 Each output encodes and writes in its own thread behind a small queue, so a slow disk or a
 media server that went away never holds the job (or the other outputs) up: when the queue is
@@ -73,11 +74,16 @@ def open_sink(target: str, *, codec: str | None, crf: float, preset: str, segmen
                          f"(.m3u8) or a recording ({', '.join(RECORDING_MUXERS)})")
     muxer = RECORDING_MUXERS[suffix]
     options = {"movflags": "frag_keyframe+empty_moov+default_base_moof"} if muxer == "mp4" else {}
-    if segment_time_s:  # numbered files: name-000000.mkv, name-000001.mkv, ...
+    if segment_time_s:  # files named by their start time, name-20261124-010203.mkv: a restart overwrites none
         options = {"segment_time": f"{segment_time_s:g}", "segment_format": muxer, "reset_timestamps": "1",
+                   "strftime": "1",
                    **({"segment_format_options": "movflags=frag_keyframe+empty_moov"} if muxer == "mp4" else {})}
-        return StreamSink(str(path.with_name(path.stem + "-%06d" + path.suffix)), "segment", options,
+        return StreamSink(str(path.with_name(path.stem + "-%Y%m%d-%H%M%S" + path.suffix)), "segment", options,
                           codec=codec, crf=crf, preset=preset)
+    if path.exists():  # an earlier recording (a restarted job): keep it, record beside it
+        fresh = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+        log.warning("%s exists: recording to %s instead", path, fresh.name)
+        path = fresh
     return StreamSink(str(path), muxer, options, codec=codec, crf=crf, preset=preset)
 
 

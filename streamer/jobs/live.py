@@ -65,7 +65,7 @@ def check_allowed(url: str, allowed: list[str]) -> None:
 
 def run_live(engine, stream: LiveStream, options: JobOptions, settings: LiveSettings, *,
              cancel: threading.Event, progress: Callable[[Progress], None] | None = None,
-             job_id: str | None = None) -> JobResult:
+             job_id: str | None = None, faces_by_frame=None) -> JobResult:
     """Run until ``cancel`` is set (then ``Cancelled`` is raised, the outputs closed cleanly)."""
     from streamer.io.live_source import LiveSource
     from streamer.io.stream_sink import TeeSink, open_sink
@@ -96,4 +96,4 @@ def run_live(engine, stream: LiveStream, options: JobOptions, settings: LiveSett
             progress(p)
 
     return engine.run(source, sink, options, policy=policy, progress=report, cancel=cancel, job_id=job_id,
-                      max_in_flight=in_flight)
+                      max_in_flight=in_flight, faces_by_frame=faces_by_frame)
