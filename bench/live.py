@@ -49,7 +49,7 @@ class Looped(dict):
         return super().get(index % self.frames, default)
 
 
-def run_row(model: str, faces, streams: int, clip: Path, folder: Path, seconds: float, warmup: float) -> dict:
+def run_row(label: str, model: str, faces, streams: int, clip: Path, folder: Path, seconds: float, warmup: float) -> dict:
     options = load_settings(JobOptions, overrides={"model": model, "preset": "ultrafast"})
     live = load_settings(LiveSettings)
     worker = worker_weights(load_settings(WorkerSettings), model, None)
@@ -58,7 +58,7 @@ def run_row(model: str, faces, streams: int, clip: Path, folder: Path, seconds: 
     errors: list[BaseException] = []
     with Engine(load_settings(EngineSettings), worker) as engine:
         def one(i: int) -> None:
-            stream = LiveStream(str(clip), (str(folder / f"{model}-{streams}-{i}.ts"),), realtime=True, loop=True)
+            stream = LiveStream(str(clip), (str(folder / f"{label}-{streams}-{i}.ts"),), realtime=True, loop=True)
             try:
                 run_live(engine, stream, options, live, cancel=cancel, faces_by_frame=faces,
                          progress=lambda p: p.live and last.__setitem__(i, dict(p.live)))
@@ -112,7 +112,7 @@ def main() -> None:
             base = None
             for label, model, f in (("passthrough", "identity", none), ("identity", "identity", faces),
                                     (args.standin, args.standin, faces)):
-                r = run_row(model, f, n, clip.path, folder, args.seconds, args.warmup)
+                r = run_row(label, model, f, n, clip.path, folder, args.seconds, args.warmup)
                 base = base or r["p50"]
                 hit = "-" if r["hit"] is None or label == "passthrough" else f"{r['hit']:.0%}"
                 print(f"{label:28s} {n:7d} {r['p50']:8.1f} {r['p99']:8.1f} {r['p50'] / base:8.2f} {hit:>8s} "

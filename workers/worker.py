@@ -99,6 +99,7 @@ class Worker:
         self._blend_thread.submit(lambda: None).result()  # its initializer has run...
         torch.set_num_threads(threads)  # ...and changed the process-wide default: put it back
         self._batches: deque[_Batch] = deque()  # oldest first
+        self._model_s: dict[str, float] = {}  # per model: how long a batch took lately (moving average)
         self._wake, self._woken = socket.socketpair()
         self._woken.setblocking(False)
 
@@ -286,11 +287,15 @@ class Worker:
             name = min(ready)[1]
             queue = self._pending[name]
             items, late = [], []
-            wall = time.time()
-            for p in take_batch(queue, self.batch):  # deadlines first, then decoders in turn
-                (late if p.crop.deadline is not None and p.crop.deadline < wall else items).append(p)
+            # when this batch would come back: after the batches ahead of it and its own run
+            # (as long as the model took lately); a crop that cannot make its deadline is
+            # answered now, so that under overload the others still make theirs
+            done_at = time.time() + (len(self._batches) + 1) * self._model_s.get(name, 0.0)
+            while len(items) < self.batch and queue:  # a full batch of crops that can still make it
+                for p in take_batch(queue, self.batch - len(items)):  # deadlines first, then decoders in turn
+                    (late if p.crop.deadline is not None and p.crop.deadline < done_at else items).append(p)
             for p in late:
-                self._send_error(p, "deadline passed before the crop was restored")
+                self._send_error(p, "the deadline passes before the crop could be restored")
             if items:
                 break
         restorer = self.restorers[name]
@@ -302,13 +307,14 @@ class Worker:
             stage.add_done_callback(lambda _: self._wake.send(b"\0"))
         return _Batch(restorer, items, keys, modelled, outcome)
 
-    @staticmethod
-    def _run_model(restorer: Restorer, pixels: list[np.ndarray]) -> tuple[np.ndarray, torch.Tensor]:
+    def _run_model(self, restorer: Restorer, pixels: list[np.ndarray]) -> tuple[np.ndarray, torch.Tensor]:
         """In the model thread: the input crops (host) and the restored ones (on the model's device)."""
         batch = np.stack(pixels)
         started = time.perf_counter()
         restored = restorer.run(batch, on_device=True)
-        metrics.MODEL_SECONDS.labels(model=restorer.name).observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        metrics.MODEL_SECONDS.labels(model=restorer.name).observe(took)
+        self._model_s[restorer.name] = 0.7 * self._model_s.get(restorer.name, took) + 0.3 * took
         return batch, restored
 
     def _blend(self, restorer: Restorer, crops: list[wire.Crop], keys: list[tuple],
