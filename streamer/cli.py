@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "go out unrestored (default 500)")
     lv.add_argument("--segment-time", type=float, metavar="S", help="split recordings into files of S seconds")
     lv.add_argument("--http-port", type=int, metavar="PORT", help="serve /metrics and /healthz on this port")
+    lv.add_argument("--http-host", default="127.0.0.1", metavar="ADDR",
+                    help="address for --http-port (default 127.0.0.1; 0.0.0.0: every interface, e.g. in a container)")
     for flag, kw in (("--model", {}), ("--weights", {"type": Path}), ("--detector", {}),
                      ("--detector-weights", {"type": Path}), ("--detect-every", {"type": int, "metavar": "K"}),
                      ("--device", {}), ("--dtype", {}), ("--batch", {"type": int}), ("--workers", {"type": int}),
@@ -186,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--output-root", action="append", type=Path, metavar="DIR",
                     help="a folder jobs may write to (repeatable; serve.output_roots)")
     sv.add_argument("--http-port", type=int, metavar="PORT", help="/metrics and /healthz (default 9310; 0: off)")
+    sv.add_argument("--http-host", metavar="ADDR", help="address for --http-port (default 127.0.0.1)")
     sv.add_argument("--connect", action="append", metavar="ENDPOINT", help="use running workers instead of our own")
     sv.add_argument("--farm", action="store_true", help="use the workers registered in Redis (gpen-stream worker "
                                                         "--redis) instead of our own (engine.redis)")
@@ -349,7 +352,7 @@ def _live(args, interrupt: Interrupt) -> int:
         if args.http_port:
             from streamer.serve.http import start_http
 
-            http = start_http("127.0.0.1", args.http_port,
+            http = start_http(args.http_host, args.http_port,
                               lambda: {"ok": engine.workers_ok(), "workers": engine.worker_count()})
         engine.check_model(options.model)
         run_live(engine, stream, options, live, cancel=interrupt.event,
@@ -600,7 +603,7 @@ def _serve(args, interrupt: Interrupt) -> int:
 
     serve = load_settings(ServeSettings, config_file=args.config, overrides={
         "redis": args.redis, "prefix": args.prefix, "concurrency": args.concurrency, "input_roots": args.input_root,
-        "output_roots": args.output_root, "http_port": args.http_port})
+        "output_roots": args.output_root, "http_port": args.http_port, "http_host": args.http_host})
     defaults = load_settings(JobOptions, config_file=args.config, overrides={"model": args.model})
     engine_settings = load_settings(EngineSettings, config_file=args.config, overrides={
         "connect": args.connect, "workers": args.workers, "keys_dir": args.keys,

@@ -354,23 +354,29 @@ class _Stages:
         reorder: dict[int, FrameTask] = {}
         next_index, upstream_done = 0, False
         while not run.stop.is_set():
+            moved = False
             while not upstream_done and dispatcher.frames_in_flight + len(reorder) < self.max_in_flight:
                 try:
                     task = self.analyzed.get(timeout=0.02 if dispatcher.frames_in_flight == 0 else 0)
                 except queue.Empty:
                     break
+                moved = True
                 if task is _END:
                     upstream_done = True
                 else:
                     dispatcher.submit(task)
-            for task in dispatcher.pump(timeout_ms=10):
+            for task in dispatcher.pump(timeout_ms=10):  # returns at once when no crop is out
                 reorder[task.index] = task
+                moved = True
             while next_index in reorder and not self.ordered.full():
                 self.ordered.put(reorder.pop(next_index))
                 next_index += 1
+                moved = True
             if upstream_done and dispatcher.frames_in_flight == 0 and not reorder:
                 run.put(self.ordered, _END)
                 return
+            if not moved and dispatcher.frames_in_flight == 0:  # pump() did not wait: waiting for the writer
+                run.stop.wait(0.002)
         raise _Stopped
 
     def write(self) -> None:

@@ -340,3 +340,41 @@ def test_redis_urls_with_a_password_work_and_are_never_logged(tmp_path, roots):
             redis.Redis(port=server.port).ping()
     finally:
         server.stop()
+
+
+def test_a_stream_job_runs_live_with_its_figures_in_the_hash_until_cancelled(redis_server, roots,
+                                                                              retinaface_mobile_weights):
+    from tests.support.streams import Publisher, RtspRelay, read_frame_indices, rtsp_relay_unavailable
+
+    if rtsp_relay_unavailable() is not None:
+        pytest.skip(str(rtsp_relay_unavailable()))
+    clip = make_clip(roots / "in" / "cam.mp4", frames=30, fps=15, audio=False)
+    prefix = unique_prefix()
+    # random detector weights find "faces" everywhere: a small picture keeps detection cheap
+    options = json.dumps({"detector": "retinaface_mobile0.25", "detect_threshold": 0.02, "max_faces": 2,
+                          "min_face": 0, "detect_max_side": 160, "preset": "ultrafast"})
+    recording = roots / "out" / "cam.mkv"
+    with RtspRelay() as relay, Publisher(relay.publish_url, clip.path, fps=15):
+        relay.wait_publishing(20)
+        daemon = Daemon(redis_server, prefix, roots, env={
+            "GPEN_STREAM_SERVE_LIVE_SOURCES": '["rtsp://127.0.0.1"]',
+            "GPEN_STREAM_ENGINE_DETECTOR_WEIGHTS": str(retinaface_mobile_weights)})
+        r = redis_server.client()
+        try:
+            r.xadd(f"{prefix}:jobs", {"id": "cam", "input": relay.play_url, "output": str(recording),
+                                      "options": options})
+            deadline = time.monotonic() + 60
+            while True:
+                job = _job(r, prefix, "cam")
+                assert job.get("state") not in ("failed", "done") and time.monotonic() < deadline, (job, daemon.text())
+                if job.get("state") == "running" and float(job.get("frames_out") or 0) >= 30:
+                    break
+                time.sleep(0.2)
+            assert float(job["fps_out"]) > 0 and job["hit_rate"] != ""
+            r.hset(f"{prefix}:job:cam", "cancel", "1")
+            job = _wait_state(r, prefix, "cam", {"cancelled", "done", "failed"}, timeout=10)
+        finally:
+            assert daemon.stop() == 0
+    assert job["state"] == "cancelled"  # cancelling is how a live job ends; what it recorded stays
+    recorded = read_frame_indices(recording)
+    assert len(recorded.frames) >= 30 and recorded.pts_increasing()

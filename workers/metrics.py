@@ -33,8 +33,8 @@ WORKERS = Gauge("gpen_workers", "Workers this process can use now")
 # live feeds: mirrors of each live job's figures (labelled by job), refreshed once a second
 LIVE = Gauge("gpen_live", "Live job figures: fps_in, fps_out, hit_rate, latency_p50_ms, latency_p99_ms, dropped, "
              "reconnects, stalls, repeats", ["job", "figure"])
-LIVE_FIGURES = ("fps_in", "fps_out", "hit_rate", "latency_p50_ms", "latency_p99_ms", "dropped", "reconnects", "stalls",
-                "repeats")
+LIVE_FIGURES = ("fps_in", "fps_out", "frames_out", "hit_rate", "latency_p50_ms", "latency_p99_ms", "dropped",
+                "dropped_out", "reconnects", "stalls", "repeats")
 
 
 def publish_live(job: str, snapshot: dict) -> None:
