@@ -57,14 +57,6 @@ class Source(Protocol):
         """Decoded video frames; ``on_packet`` gets the copied streams' packets, then None at
         the end of the input."""
 
-    def _open_logged(self):
-        """Open the file, keeping what its demuxer says while reading the header: a Matroska
-        file damaged in the middle already complains there (reading its index)."""
-        with av.logging.Capture(local=True) as opening:
-            container = open_input(self.path)
-        self._opening_log = list(opening)
-        return container
-
     def summary(self) -> dict[str, int]:
         """Counts of what went wrong and was handled (corrupt, concealed, ...)."""
 
