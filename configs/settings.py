@@ -78,6 +78,7 @@ class EngineSettings(_Settings):
     detector_weights: Path | None
     parser_weights: Path | None
     redis: str | None  # find workers registered in this Redis (instead of connect / our own)
+    prefix: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # their keys' prefix in it
     keys_dir: Path | None  # CURVE keys to reach workers that require them
 
 
@@ -97,6 +98,7 @@ class WorkerSettings(_Settings):
     blend_sigma: float = Field(gt=0)
     models: dict[str, Path]
     redis: str | None  # register here (heartbeat, memory lease)
+    prefix: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the keys' prefix in it
     advertise: str | None  # the endpoint decoders should connect to (default: the bound one, wildcard -> host name)
     registry_ttl_s: float = Field(gt=0)
     memory_budget_mib: int = Field(ge=0)

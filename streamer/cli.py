@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use a running worker (gpen-stream worker --endpoint ...) instead of starting one; repeatable")
     r.add_argument("--redis", metavar="URL", help="use the workers registered in this Redis (gpen-stream worker "
                                                  "--redis URL) instead of starting one; workers may join and leave")
+    r.add_argument("--prefix", help="with --redis: the workers' key prefix (default gpen)")
     r.add_argument("--keys", type=Path, metavar="DIR", help="CURVE keys for workers that require them "
                                                             "(gpen-stream keys DIR)")
     r.add_argument("--batch", type=int, metavar="B", help="crops per model call (default 4)")
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                      ("--detector-weights", {"type": Path}), ("--detect-every", {"type": int, "metavar": "K"}),
                      ("--device", {}), ("--dtype", {}), ("--batch", {"type": int}), ("--workers", {"type": int}),
                      ("--connect", {"action": "append", "metavar": "ENDPOINT"}), ("--redis", {"metavar": "URL"}),
+                     ("--prefix", {}),
                      ("--keys", {"type": Path, "metavar": "DIR"}), ("--temporal", {}),
                      ("--strength", {"type": float}), ("--codec", {}), ("--crf", {"type": float}), ("--preset", {})):
         lv.add_argument(flag, help="as for restore", **kw)
@@ -288,7 +290,7 @@ def _restore(args, interrupt: Interrupt) -> int:
     engine = load_settings(EngineSettings, config_file=args.config, overrides={
         "workers": args.workers, "isolate_workers": args.isolate_workers, "connect": args.connect,
         "detector_weights": args.detector_weights, "parser_weights": args.parser_weights, "redis": args.redis,
-        "keys_dir": args.keys})
+        "prefix": args.prefix, "keys_dir": args.keys})
     worker = worker_weights(load_settings(WorkerSettings, config_file=args.config, overrides={
         "device": args.device, "dtype": args.dtype, "batch": args.batch}), options.model, args.weights)
     extra_reads = {"--config file": Path(args.config)} if args.config else {}
@@ -336,7 +338,8 @@ def _live(args, interrupt: Interrupt) -> int:
     live = load_settings(LiveSettings, config_file=args.config, overrides={
         "latency_ms": args.latency_ms, "rtsp_transport": args.rtsp_transport, "segment_time_s": args.segment_time})
     engine_settings = load_settings(EngineSettings, config_file=args.config, overrides={
-        "workers": args.workers, "connect": args.connect, "redis": args.redis, "keys_dir": args.keys,
+        "workers": args.workers, "connect": args.connect, "redis": args.redis, "prefix": args.prefix,
+        "keys_dir": args.keys,
         "detector_weights": args.detector_weights})
     worker = worker_weights(load_settings(WorkerSettings, config_file=args.config, overrides={
         "device": args.device, "dtype": args.dtype, "batch": args.batch}), options.model, args.weights)
@@ -511,7 +514,8 @@ def _worker(args, interrupt: Interrupt) -> int:
 
     settings = load_settings(WorkerSettings, config_file=args.config, overrides={
         "endpoint": args.endpoint, "device": args.device, "dtype": args.dtype, "batch": args.batch,
-        "redis": args.redis, "advertise": args.advertise, "keys_dir": args.keys, "insecure": args.insecure or None,
+        "redis": args.redis, "prefix": args.prefix, "advertise": args.advertise, "keys_dir": args.keys,
+        "insecure": args.insecure or None,
         "memory_budget_mib": args.memory_budget_mib})
     if not settings.endpoint:
         log.error("worker needs --endpoint (or GPEN_STREAM_WORKER_ENDPOINT)")
@@ -538,7 +542,7 @@ def _worker(args, interrupt: Interrupt) -> int:
             device = resolve_device(settings.device)
             index = device.index if device.type == "cuda" and device.index is not None else (
                 0 if device.type == "cuda" else device.type)
-            budget = GpuBudget(redis, Keys(args.prefix or "gpen").gpu(socket.gethostname(), index), worker_id,
+            budget = GpuBudget(redis, Keys(settings.prefix).gpu(socket.gethostname(), index), worker_id,
                                device_total_mib(device, settings.memory_budget_mib), ttl_s=settings.registry_ttl_s)
         worker = build_worker(args.model, settings, worker_id=worker_id, budget=budget)
         if settings.keys_dir is not None:
@@ -552,7 +556,7 @@ def _worker(args, interrupt: Interrupt) -> int:
         if redis is not None:
             from workers.registry import Registration
 
-            registration = Registration(redis, Keys(args.prefix or "gpen"), worker,
+            registration = Registration(redis, Keys(settings.prefix), worker,
                                         endpoint=settings.advertise or security.advertised(bound),
                                         ttl_s=settings.registry_ttl_s, budget=budget).start()
 

@@ -82,7 +82,7 @@ class SharedParser:
 
 class Engine:
     def __init__(self, settings: EngineSettings, worker_settings: WorkerSettings, *,
-                 directory: WorkerDirectory | None = None, prefix: str = "gpen"):
+                 directory: WorkerDirectory | None = None, prefix: str | None = None):
         self.settings = settings
         self.worker_settings = worker_settings
         if directory is None and settings.redis:  # workers registered in Redis (gpen-stream worker --redis)
@@ -90,7 +90,7 @@ class Engine:
             from streamer.discovery import RedisDirectory
             from streamer.serve.connection import connect
 
-            directory = RedisDirectory(connect(settings.redis), Keys(prefix),
+            directory = RedisDirectory(connect(settings.redis), Keys(prefix or settings.prefix),
                                        start_timeout_s=settings.connect_timeout_s)
         self.directory = directory  # else: connect, or our own workers
         self.context = zmq.Context()
