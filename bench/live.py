@@ -49,7 +49,8 @@ class Looped(dict):
         return super().get(index % self.frames, default)
 
 
-def run_row(label: str, model: str, faces, streams: int, clip: Path, folder: Path, seconds: float, warmup: float) -> dict:
+def run_row(label: str, model: str, faces, streams: int, clip: Path, folder: Path, seconds: float,
+            warmup: float) -> dict:
     options = load_settings(JobOptions, overrides={"model": model, "preset": "ultrafast"})
     live = load_settings(LiveSettings)
     worker = worker_weights(load_settings(WorkerSettings), model, None)

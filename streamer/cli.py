@@ -488,7 +488,9 @@ def _models(args, interrupt: Interrupt) -> int:
                 print(f"{w.name}: missing")
             else:
                 path, status = store.verify(w)
-                print(f"{w.name}: {'ok (SHA-256 matches the published digest)' if status == 'verified' else 'ok (matches the digest recorded at download; none is published)'} {path}")
+                said = ("ok (SHA-256 matches the published digest)" if status == "verified"
+                        else "ok (matches the digest recorded at download; none is published)")
+                print(f"{w.name}: {said} {path}")
         except store.WeightsError as exc:
             log.error("%s", exc)
             failed += 1

@@ -30,8 +30,9 @@ def face_clip(tmp_path_factory):
 
 def _live(args, tmp_path, weights, *, model="standin-5+5ms-128px", env=None):
     """A `gpen-stream live` process printing one JSON status line a second."""
+    # random weights find ~2000 "faces" a frame: a small detection side keeps detecting them cheap
     environment = {**os.environ, "GPEN_STREAM_RESTORE_DETECT_THRESHOLD": "0.02", "GPEN_STREAM_RESTORE_MAX_FACES": "2",
-                   "GPEN_STREAM_RESTORE_MIN_FACE": "0", "GPEN_STREAM_RESTORE_DETECT_MAX_SIDE": "160",  # random weights find ~2000 "faces": keep detection cheap
+                   "GPEN_STREAM_RESTORE_MIN_FACE": "0", "GPEN_STREAM_RESTORE_DETECT_MAX_SIDE": "160",
                    "GPEN_STREAM_LIVE_STALL_S": "2", "GPEN_STREAM_LIVE_OPEN_TIMEOUT_S": "2",
                    "GPEN_STREAM_LIVE_BACKOFF_MAX_S": "2", **(env or {})}
     cmd = [*CLI, "live", *args, "--model", model, "--detector", "retinaface_mobile0.25", "--detector-weights",
