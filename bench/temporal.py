@@ -45,16 +45,10 @@ from configs import JobOptions, WorkerSettings, load_settings
 from gpen import RELEASED_CONFIGS
 from gpen.testing import deterministic_state_dict
 from streamer.jobs.restore import restore_file
+from tests.support.clips import TEMPORAL_CLIPS as CLIPS
+from tests.support.clips import TEMPORAL_DEGRADE as DEGRADE
 from tests.support.clips import face_psnr, make_clip, read_frames, temporal_error
 
-CLIPS = {
-    "static": dict(motion="static"),
-    "slow": dict(motion="slow"),
-    "fast": dict(motion="fast"),
-    "cut": dict(motion="slow", cut_at=0.5),
-    "occluder": dict(motion="slow", occluder=True),
-}
-DEGRADE = dict(noise=6.0, blur=0.8, jpeg=45, jitter_px=1.5)
 
 
 def run(clip, out: Path, model: str, weights: Path | None, temporal: str, faces: Path | None = None,

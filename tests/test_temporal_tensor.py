@@ -11,19 +11,13 @@ import torch
 
 from streamer.faces.align import alignment
 from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut, make_clip, read_frames
+from tests.support.clips import TEMPORAL_CLIPS as CLIPS
+from tests.support.clips import TEMPORAL_DEGRADE as DEGRADE
 from workers import temporal
 from workers.temporal import TemporalBlender
 from workers.temporal_reference import ReferenceBlender
 
 BLEND = (0.85, 0.03)
-DEGRADE = dict(noise=6.0, blur=0.8, jpeg=45, jitter_px=1.5)  # bench/temporal.py's
-CLIPS = {
-    "static": dict(motion="static"),
-    "slow": dict(motion="slow"),
-    "fast": dict(motion="fast"),
-    "cut": dict(motion="slow", cut_at=0.5),
-    "occluder": dict(motion="slow", occluder=True),
-}
 
 
 def _track(tmp_path, name: str, frames: int, size: int) -> list[tuple]:

@@ -113,6 +113,18 @@ def _occluder(img: np.ndarray, t: int, frames: int, landmarks: np.ndarray) -> np
     return out
 
 
+
+# The temporal-stability clips (bench/temporal.py, and the tests that compare blenders on them):
+# how each moves, and how each is degraded before restoration.
+TEMPORAL_CLIPS = {
+    "static": dict(motion="static"),
+    "slow": dict(motion="slow"),
+    "fast": dict(motion="fast"),
+    "cut": dict(motion="slow", cut_at=0.5),
+    "occluder": dict(motion="slow", occluder=True),
+}
+TEMPORAL_DEGRADE = dict(noise=6.0, blur=0.8, jpeg=45, jitter_px=1.5)
+
 def make_clip(path: str | Path, *, frames: int = 12, width: int = 320, height: int = 240, fps: int = 25,
               motion: str = "slow", face_px: float = 90.0, noise: float = 0.0, blur: float = 0.0,
               jpeg: int | None = None, jitter_px: float = 0.0, occluder: bool = False, cut_at: int | None = None,
