@@ -34,7 +34,7 @@ from streamer.analyze import Analyzer
 from streamer.composite import Compositor, prepare_face
 from streamer.dispatch import FILE_POLICY, Dispatcher, FrameTask, JobPolicy
 from streamer.io.probe import packet_offset_s
-from streamer.io.yuv import YUVLayout
+from streamer.io.yuv import YUVLayout, copy_frame
 from workers import metrics
 from workers.restorers import IDENTITY
 
@@ -408,13 +408,20 @@ class _Stages:
         """The next frame in order; None when the policy holds the picture (no frame for hold_s)."""
         if self.policy.hold_s is None:
             return self.run.get(self.ordered)
-        deadline = time.monotonic() + self.policy.hold_s
+        hold_s = self.policy.hold_s
+        deadline = time.monotonic() + hold_s
         while not self.run.stop.is_set():
             try:
                 return self.ordered.get(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
-                if time.monotonic() >= deadline and self.last is not None:
-                    return None
+                now = time.monotonic()
+                if now >= deadline and self.last is not None:
+                    # only while the input is away: a frame still on its way through the job
+                    # (detection, the model) must not make the outputs stutter
+                    arrived = getattr(self.source, "last_arrival", 0.0)
+                    if now - arrived >= hold_s:
+                        return None
+                    deadline = arrived + hold_s
         raise _Stopped
 
     def _repeat_last(self) -> None:
@@ -423,6 +430,8 @@ class _Stages:
         step = max(1, round(self.policy.hold_s / float(self.source.info.time_base)))
         task.item.pts += step
         task.item.time_s = float(task.item.pts * self.source.info.time_base)
+        # a copy: the outputs stamp the frame they encode, and the last one may still be queued in one
+        task.item.frame = copy_frame(task.item.frame)
         self.sink.write(task.item.frame, task.item.pts)
         if self.live is not None:
             self.live.repeats += 1

@@ -107,3 +107,82 @@ def test_a_worker_for_two_models_serves_crops_of_both(worker_settings):
     finally:
         worker.stop_event.set()
         thread.join(30)
+
+
+def _slow_loader(name, seconds):
+    def load():
+        time.sleep(seconds)
+        return build_restorer(name, device=CPU, dtype=torch.float32)
+    return load
+
+
+def test_loading_a_model_on_demand_does_not_count_as_its_run_time():
+    """Deadlines are judged by how long the model runs: a 1 s load counted as a run would make
+    every live crop look late, and they would all be shed."""
+    from workers.residency import ResidentRestorer
+    from workers.temporal import TemporalBlender
+    from workers.worker import Worker
+
+    name = "standin-1+0ms-64px"
+    residency = Residency({name: _slow_loader(name, 1.0)}, device=CPU, dtype=torch.float32, batch=1)
+    worker = Worker({name: ResidentRestorer(residency, name, 64, torch.float32)}, batch=1, batch_wait_ms=1,
+                    blender=TemporalBlender(0.85, 0.03), residency=residency)
+    try:
+        started = time.perf_counter()
+        worker._run_model(worker.restorers[name], [np.zeros((64, 64, 3), np.uint8)])
+        assert time.perf_counter() - started >= 1.0  # it did load, in the model thread's call
+        assert worker._model_s[name] < 0.2  # but only the run (~1 ms) counts
+    finally:
+        worker.stop_event.set()
+        worker.serve()  # stopped: it drains (nothing) and closes its threads and socket
+
+
+def test_a_load_waiting_for_memory_ends_when_the_worker_stops(redis_server, gpen256_weights):
+    import threading
+
+    r = redis_server.client()
+    key = f"{unique_prefix()}:gpu:test:0"
+    other = GpuBudget(r, key, "other", total_mib=100)
+    other.acquire(100)  # another worker holds the whole device
+    budget = GpuBudget(r, key, "w1", total_mib=100)
+    name = "GPEN-BFR-256"
+    residency = _residency(gpen256_weights, [name], budget=budget)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_raised(lambda: residency.get(name))), daemon=True)
+    try:
+        thread.start()
+        time.sleep(0.5)
+        assert thread.is_alive()  # waiting for memory
+        residency.stop.set()
+        thread.join(5)
+        assert not thread.is_alive() and isinstance(outcome[0], InterruptedError)
+        assert not residency.loaded
+    finally:
+        budget.release()
+        other.release()
+
+
+def test_a_failed_load_gives_back_the_memory_it_leased(redis_server):
+    r = redis_server.client()
+    key = f"{unique_prefix()}:gpu:test:0"
+    budget = GpuBudget(r, key, "w1", total_mib=100_000)
+    name = "standin-1+0ms-64px"
+
+    def broken():
+        raise RuntimeError("the checkpoint is damaged")
+
+    residency = Residency({name: broken}, device=CPU, dtype=torch.float32, batch=1, budget=budget,
+                          weights={name: None})
+    try:
+        assert isinstance(_raised(lambda: residency.get(name)), RuntimeError)
+        assert budget.mib <= 1 and leases(r, key).get("w1", 0) <= 1  # nothing loaded: nothing held
+    finally:
+        budget.release()
+
+
+def _raised(call):
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+        return exc
+    return None

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
 import torch
+from redis.exceptions import RedisError
 
 from workers import metrics
 from workers.budget import MIB, WAIT_FOR_MEMORY_S, MemoryModel, calibrate, checkpoint_bytes
@@ -40,6 +42,7 @@ class Residency:
         self.loaded: OrderedDict[str, object] = OrderedDict()  # least recently used first
         self.memory: dict[str, MemoryModel] = {}
         self.last_used: dict[str, float] = {}
+        self.stop = threading.Event()  # the worker's stop: waiting for memory ends with it
 
     def get(self, name: str):
         """The loaded model ``name``, loading it (and unloading others to make room) if needed."""
@@ -58,11 +61,19 @@ class Residency:
         if self.budget is not None:
             self._make_room(name)
         started = time.perf_counter()
-        restorer = self.loaders[name]()
-        self.loaded[name] = restorer
-        metrics.MODEL_LOADS.labels(kind="restorer").inc()
+        try:
+            restorer = self.loaders[name]()
+            self.loaded[name] = restorer
+            metrics.MODEL_LOADS.labels(kind="restorer").inc()
+            if self.budget is not None:
+                self.memory[name] = calibrate(restorer, self.device, weights=restorer.weights_bytes(),
+                                              batch=self.batch)
+        except BaseException:  # the lease grew for it: give that back
+            self.loaded.pop(name, None)
+            if self.budget is not None:
+                self._shrink()
+            raise
         if self.budget is not None:
-            self.memory[name] = calibrate(restorer, self.device, weights=restorer.weights_bytes(), batch=self.batch)
             self._hold(self.held_bytes())
         log.info("loaded %s in %.1f s (%s)", name, time.perf_counter() - started,
                  ", ".join(self.loaded) + " in memory")
@@ -74,17 +85,23 @@ class Residency:
         known = self.memory.get(name)
         extra = known.needed(self.batch) if known else 2 * checkpoint_bytes(name, self.weights.get(name), self.dtype)
         said = 0.0
-        while not self.budget.acquire(-(-(self.held_bytes() + extra) // MIB)):
-            if self.loaded:
-                self.unload(next(iter(self.loaded)), why="to make room for " + name)
-                continue
-            # other workers hold the rest of the device: its crops wait here (the worker still
-            # answers its decoders) until one of them lets go
+        while True:
+            try:
+                if self.budget.acquire(-(-(self.held_bytes() + extra) // MIB)):
+                    return
+                why = "other workers hold the rest"
+            except RedisError as exc:  # Redis away for a moment: wait for it, unload nothing
+                why = f"Redis: {exc}"
+            else:
+                if self.loaded:
+                    self.unload(next(iter(self.loaded)), why="to make room for " + name)
+                    continue
+            # its crops wait here (the worker still answers its decoders) until memory comes free
             if time.monotonic() - said > 30:
-                log.warning("waiting for %.0f MiB on %s to load %s; other workers hold the rest", extra / MIB,
-                            self.budget.key, name)
+                log.warning("waiting for %.0f MiB on %s to load %s (%s)", extra / MIB, self.budget.key, name, why)
                 said = time.monotonic()
-            time.sleep(WAIT_FOR_MEMORY_S)
+            if self.stop.wait(WAIT_FOR_MEMORY_S):
+                raise InterruptedError(f"the worker is stopping: no memory came free to load {name}")
 
     def _hold(self, nbytes: int) -> None:
         mib = max(1, -(-nbytes // MIB))
@@ -92,6 +109,10 @@ class Residency:
             while len(self.loaded) > 1 and not self.budget.acquire(mib):
                 self.unload(next(iter(self.loaded)), why="the last model loaded needs more than estimated")
                 mib = max(1, -(-self.held_bytes() // MIB))
+            if len(self.loaded) == 1 and self.budget.mib < mib:
+                log.warning("%s needs %d MiB measured, more than the %d MiB the lease on %s could grow to: "
+                            "it runs outside the budget until other workers let go", next(iter(self.loaded)), mib,
+                            self.budget.mib, self.budget.key)
 
     def unload(self, name: str, *, why: str) -> None:
         restorer = self.loaded.pop(name, None)
@@ -102,8 +123,15 @@ class Residency:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the blocks back to the device, not just to torch's cache
         if self.budget is not None:
-            self.budget.acquire(max(1, -(-self.held_bytes() // MIB)))  # shrinking always succeeds
+            self._shrink()
         log.info("unloaded %s (%s)", name, why)
+
+    def _shrink(self) -> None:
+        """The lease down to what is loaded (shrinking always succeeds while Redis answers)."""
+        try:
+            self.budget.acquire(max(1, -(-self.held_bytes() // MIB)))
+        except RedisError as exc:  # the lease lapses at its TTL anyway, or the renewer shrinks it
+            log.warning("could not shrink the memory lease on %s: %s", self.budget.key, exc)
 
     def unload_idle(self) -> list[str]:
         """Unload models unused for ``idle_unload_s``; returns their names."""
@@ -128,6 +156,10 @@ class ResidentRestorer:
     @property
     def loaded(self) -> bool:
         return self.name in self.residency.loaded
+
+    def load(self):
+        """Load the model now if it is not loaded (the worker does so before timing a run)."""
+        return self.residency.get(self.name)
 
     def run(self, crops: np.ndarray, *, on_device: bool = False):
         return self.residency.get(self.name).run(crops, on_device=on_device)

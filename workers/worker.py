@@ -81,6 +81,8 @@ class Worker:
         self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
         self.endpoint: str | None = None
         self.stop_event = threading.Event()
+        if residency is not None:
+            residency.stop = self.stop_event  # a load waiting for memory ends when the worker stops
         self._pending: dict[str, deque[_Pending]] = {name: deque() for name in restorers}
         self._peers: dict[bytes, float] = {}  # decoders that said hello and not yet bye -> last heard
         self.peer_timeout_s = peer_timeout_s
@@ -296,6 +298,8 @@ class Worker:
                     (late if p.crop.deadline is not None and p.crop.deadline < done_at else items).append(p)
             for p in late:
                 self._send_error(p, "the deadline passes before the crop could be restored")
+            if late and not items:  # the estimate may be stale (one slow batch): it comes down until a batch runs
+                self._model_s[name] = 0.8 * self._model_s.get(name, 0.0)
             if items:
                 break
         restorer = self.restorers[name]
@@ -310,6 +314,9 @@ class Worker:
     def _run_model(self, restorer: Restorer, pixels: list[np.ndarray]) -> tuple[np.ndarray, torch.Tensor]:
         """In the model thread: the input crops (host) and the restored ones (on the model's device)."""
         batch = np.stack(pixels)
+        load = getattr(restorer, "load", None)
+        if load is not None:  # a model loaded on demand: the load is not the run (deadlines are judged by the run)
+            load()
         started = time.perf_counter()
         restored = restorer.run(batch, on_device=True)
         took = time.perf_counter() - started

@@ -13,9 +13,13 @@ nothing it does can block them:
   marked ``new_session`` (tracks restart);
 - timestamps are rebased onto one monotonic clock (1/90000 s) that keeps running across
   reconnects: within a session frames keep the source's own spacing, anchored at the arrival
-  of its first frame (re-anchored if the source's clock drifts from ours by over a second);
-- audio (and other copied streams) pass through on the same clock; after a reconnect only
-  streams that look the same as the first session's (codec, rate, channels) are passed on;
+  of its first frame (re-anchored if the source's clock drifts from ours by over a second,
+  never backwards: the outputs' timestamps must keep increasing);
+- audio (and other copied streams) pass through on the same clock, as packets of their own
+  (the input they came from is closed at its session's end, they may still be queued), each
+  stream's timestamps only ever increasing; after a reconnect only streams that look the same
+  as the first session's (codec, rate, channels) are passed on;
+- a packet the decoder refuses costs that packet (counted as ``corrupt``), not the session;
 - a session whose picture size changed is scaled to the first session's size (the outputs
   were opened for it).
 """
@@ -23,6 +27,7 @@ nothing it does can block them:
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import threading
 import time
@@ -49,6 +54,9 @@ REANCHOR_S = 1.0  # source clock vs ours: further apart than this and the sessio
 # must not make FFmpeg read local files.
 LIVE_PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,rtmp,rtmps,rtmpt,srt,http,https,httpproxy,crypto,hls"
 _END = object()
+# Failures no retry can mend: the URL's protocol, its demuxer or its codec is not in this FFmpeg.
+FATAL_INPUT_ERRORS = (av.error.ProtocolNotFoundError, av.error.DemuxerNotFoundError, av.error.DecoderNotFoundError,
+                      av.error.OptionNotFoundError)
 
 
 class LiveSource:
@@ -69,17 +77,21 @@ class LiveSource:
         self.stall_s, self.open_timeout_s, self.backoff_max_s = stall_s, open_timeout_s, backoff_max_s
         self.stop = stop or threading.Event()
         self.info: VideoInfo | None = None
-        self.copied: list = []
-        self._signatures: dict[int, tuple] = {}  # copied stream index -> what it looks like
-        self.frames_in = self.dropped = self.reconnects = self.stalls = 0
+        self.copied: list = []  # the copied streams as the outputs see them: see _describe()
+        self._templates = None  # the never-started container that holds them
+        self._copied_as: dict[int, object] = {}  # input stream index -> its stream in self.copied
+        self._signatures: dict[int, tuple] = {}  # input stream index -> what it looks like
+        self._last_dts: dict[int, int] = {}  # input stream index -> the last dts passed on
+        self.frames_in = self.dropped = self.reconnects = self.stalls = self.corrupt = 0
         self._frames: deque = deque()
         self._packets: deque = deque(maxlen=QUEUE_PACKETS)
         self._ready = threading.Condition()
         self._halt = threading.Event()  # close(): the reader stops
         self._described = threading.Event()
         self._error: BaseException | None = None
-        self._clock0 = time.monotonic()
+        self._clock0: float | None = None  # our clock's zero: the arrival of the first frame
         self._last_pts = -1
+        self.last_arrival = 0.0  # time.monotonic() of the latest frame from the input
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the job's side
@@ -127,7 +139,7 @@ class LiveSource:
 
     def summary(self) -> dict[str, int]:
         return {"frames_in": self.frames_in, "dropped": self.dropped, "reconnects": self.reconnects,
-                "stalls": self.stalls}
+                "stalls": self.stalls, "corrupt": self.corrupt}
 
     def close(self) -> None:
         self._halt.set()
@@ -144,11 +156,13 @@ class LiveSource:
         return self._halt.is_set() or self.stop.is_set()
 
     def _read(self) -> None:
-        backoff, sessions = 1.0, 0
+        backoff = 1.0
         try:
             while not self._stopping():
                 try:
                     container = self._connect()
+                except FATAL_INPUT_ERRORS as exc:
+                    raise MediaError(f"cannot open {self.name}: {exc}") from None
                 except (av.error.FFmpegError, OSError) as exc:
                     if self._stopping():
                         break
@@ -159,25 +173,29 @@ class LiveSource:
                         break
                     backoff = min(2 * backoff, self.backoff_max_s)
                     continue
-                if sessions and self.network:
+                if self.info is not None and self.network:
                     self.reconnects += 1
                     log.info("%s: reconnected (%d so far)", self.name, self.reconnects)
                 try:
-                    got, why = self._session(container, first=sessions == 0)
+                    got, why = self._session(container, first=self.info is None)
+                except MediaError as exc:  # a stream that answered with something else: try again
+                    if not self.network:
+                        raise
+                    got, why = False, str(exc)
                 finally:
                     container.close()
-                sessions += 1
                 if got:
                     backoff = 1.0
                 if self._stopping():
                     break
-                if not self.network:
-                    if not self.loop:
-                        break  # the file ended: so does the job
-                    continue
-                log.warning("%s: %s; reconnecting", self.name, why)
-                if not got and self._halt.wait(backoff):
-                    break
+                if not self.network and not self.loop:
+                    break  # the file ended: so does the job
+                if self.network:
+                    log.warning("%s: %s; reconnecting", self.name, why)
+                if not got:  # nothing came: do not spin on an input that opens but yields nothing
+                    if self._halt.wait(backoff) or self.stop.is_set():
+                        break
+                    backoff = min(2 * backoff, self.backoff_max_s)
         except BaseException as exc:  # handed to the job by open() or frames()
             self._error = exc if isinstance(exc, InputError) else MediaError(f"{self.name}: {exc}")
         finally:
@@ -221,10 +239,16 @@ class LiveSource:
                     self.stalls += 1
                     return got, f"no picture for {self.stall_s:g} s"
                 if packet.stream is not video:
-                    if anchor is not None and packet.size:
+                    if anchor is not None and packet.size and packet.stream.index in self._copied_as:
                         self._pass_packet(packet, anchor)
                     continue
-                for frame in packet.decode():
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError as exc:  # one damaged packet: the next keyframe mends it
+                    self.corrupt += 1
+                    log.debug("%s: a packet could not be decoded (%s)", self.name, _short(exc))
+                    continue
+                for frame in frames:
                     src_s = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
                     if self.realtime and src_s is not None:
                         paced_from = paced_from or (time.monotonic(), src_s)
@@ -232,14 +256,20 @@ class LiveSource:
                             return got, "stopped"
                     arrived = time.monotonic()
                     last_frame = arrived
+                    if self._clock0 is None:
+                        self._clock0 = arrived
                     now_s = arrived - self._clock0
                     if anchor is None or src_s is None or abs(anchor[0] + src_s - anchor[1] - now_s) > REANCHOR_S:
-                        anchor = (now_s, src_s if src_s is not None else 0.0)
+                        # forwards only: what was already handed out keeps its place on the clock
+                        anchor = (max(now_s, float(self._last_pts * LIVE_TIME_BASE)),
+                                  src_s if src_s is not None else 0.0)
                     clock_s = anchor[0] + (src_s - anchor[1] if src_s is not None else 0.0)
                     self._hand_over(self._fit(frame), clock_s, arrived, new_session)
                     new_session, got = False, True
         except av.error.EOFError:
             return got, "the stream ended"
+        except FATAL_INPUT_ERRORS as exc:
+            raise InputError(f"{self.name}: {exc}") from None  # not a MediaError: that one is retried
         except av.error.FFmpegError as exc:
             if self._stopping():
                 return got, "stopped"
@@ -260,8 +290,17 @@ class LiveSource:
             info, time_base=LIVE_TIME_BASE, rate=rate, frames=0, duration_s=None, stream_duration_s=None,
             container_duration_s=None, start_s=0.0)
         video = video_stream(container)
-        self.copied = copied_streams(container, video)
-        self._signatures = {s.index: _signature(s) for s in self.copied}
+        # The outputs add these streams from templates that must outlive this input (closed when
+        # its session ends): copies in a container that is never started, kept for the job.
+        self._templates = av.open(io.BytesIO(), "w", format="matroska")
+        for s in copied_streams(container, video):
+            try:
+                self._copied_as[s.index] = self._templates.add_stream_from_template(s)
+            except (ValueError, av.error.FFmpegError) as exc:
+                log.warning("%s: not copying %s stream #%d (%s)", self.name, s.type, s.index, exc)
+                continue
+            self._signatures[s.index] = _signature(s)
+        self.copied = list(self._copied_as.values())
         self._described.set()
 
     def _fit(self, frame: av.VideoFrame) -> av.VideoFrame:
@@ -273,6 +312,7 @@ class LiveSource:
     def _hand_over(self, frame: av.VideoFrame, clock_s: float, arrived: float, new_session: bool) -> None:
         pts = max(round(clock_s / LIVE_TIME_BASE), self._last_pts + 1)
         self._last_pts = pts
+        self.last_arrival = arrived
         item = DecodedFrame(0, frame, pts, float(pts * LIVE_TIME_BASE), arrived=arrived, new_session=new_session)
         self.frames_in += 1
         with self._ready:
@@ -285,21 +325,26 @@ class LiveSource:
             self._ready.notify_all()
 
     def _pass_packet(self, packet: av.Packet, anchor: tuple[float, float]) -> None:
+        """Queue a copy of ``packet`` stamped on our clock (its own time base), for its stream in
+        ``self.copied``: the pipeline reads its offset from that stream's start, which is 0."""
         ts = packet.pts if packet.pts is not None else packet.dts
         if ts is None or not packet.time_base:
             return
         clock_s = anchor[0] + float(ts * packet.time_base) - anchor[1]
         if clock_s < 0:
             return
-        # on our clock, measured from the stream's start the way the pipeline reads it (packet_offset_s)
-        rebased = round(clock_s / packet.time_base) + (packet.stream.start_time or 0)
-        if packet.dts is not None and packet.pts is not None:
-            packet.dts = rebased - (packet.pts - packet.dts)
-        else:
-            packet.dts = rebased
-        packet.pts = rebased
+        index = packet.stream.index
+        pts = round(clock_s / packet.time_base)
+        dts = pts - (packet.pts - packet.dts) if packet.dts is not None and packet.pts is not None else pts
+        if dts <= self._last_dts.get(index, -1 << 62):  # a muxer refuses timestamps that go back
+            return
+        self._last_dts[index] = dts
+        mine = av.Packet(bytes(packet))
+        mine.pts, mine.dts, mine.time_base = pts, dts, packet.time_base
+        mine.is_keyframe = packet.is_keyframe
+        mine.stream = self._copied_as[index]
         with self._ready:
-            self._packets.append(packet)
+            self._packets.append(mine)
 
 
 def _signature(stream) -> tuple:

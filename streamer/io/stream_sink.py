@@ -45,6 +45,9 @@ RECORDING_MUXERS = {".mkv": "matroska", ".ts": "mpegts", ".mp4": "mp4"}
 NETWORK_MUXERS = {"rtsp": "rtsp", "rtsps": "rtsp", "rtmp": "flv", "rtmps": "flv", "srt": "mpegts", "udp": "mpegts"}
 X264_LIVE = {"tune": "zerolatency", "x264-params": "sliced-threads=0", "bf": "0"}
 _CLOSE = object()
+# Failures no reconnect can mend: this FFmpeg lacks the protocol, the muxer or the encoder.
+FATAL_OUTPUT_ERRORS = (av.error.ProtocolNotFoundError, av.error.MuxerNotFoundError, av.error.EncoderNotFoundError,
+                       av.error.OptionNotFoundError)
 
 
 def open_sink(target: str, *, codec: str | None, crf: float, preset: str, segment_time_s: float | None = None,
@@ -56,8 +59,8 @@ def open_sink(target: str, *, codec: str | None, crf: float, preset: str, segmen
             raise InputError(f"live output {redact(target)}: {scheme}:// is not an output gpen-stream can publish to "
                              f"(use {', '.join(s + '://' for s in NETWORK_MUXERS)}, a .m3u8 playlist or a recording)")
         options = {"rtsp_transport": transport} if NETWORK_MUXERS[scheme] == "rtsp" else {}
-        if scheme == "udp":
-            options["pkt_size"] = "1316"  # seven TS packets: one datagram without IP fragmentation
+        if scheme == "udp" and "pkt_size=" not in target:  # the udp protocol's option: it goes in the URL
+            target += ("&" if "?" in target else "?") + "pkt_size=1316"  # 7 TS packets: a datagram, not fragmented
         return StreamSink(target, NETWORK_MUXERS[scheme], options, codec=codec, crf=crf, preset=preset, network=True)
     path = Path(target)
     if not path.parent.is_dir():
@@ -111,7 +114,10 @@ class StreamSink:
         self.info, self.copied = info, copied
         self.pix_fmt = output_pix_fmt(info, self.codec)
         if not self.network:  # a file that cannot be written fails the job now, not later
-            self._connect()
+            try:
+                self._connect()
+            except FATAL_OUTPUT_ERRORS as exc:
+                raise MediaError(f"cannot write {self.name}: {exc}") from None
         self._thread = threading.Thread(target=self._write_loop, name=f"output {self.name}", daemon=True)
         self._thread.start()
         return self.pix_fmt
@@ -123,13 +129,34 @@ class StreamSink:
         self._put(("packet", packet, None))
 
     def commit(self) -> Path | None:
-        self._finish()
+        self.request_close()
+        self.await_close(time.monotonic() + CLOSE_WAIT_S)
         if self.error is not None:
             raise self.error
         return None if self.network else Path(self.target)
 
     def abort(self) -> None:
-        self._finish()
+        self.request_close()
+        self.await_close(time.monotonic() + CLOSE_WAIT_S)
+
+    def request_close(self) -> None:
+        """Flush and close once what is queued is written (the output's thread does it)."""
+        if self._thread is None:
+            self._close_container(flush=False)
+            return
+        with self._ready:
+            self._queue.append(_CLOSE)
+            self._ready.notify()
+
+    def await_close(self, deadline: float) -> None:
+        if self._thread is None:
+            return
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("%s: the output did not close within %.0f s", self.name, CLOSE_WAIT_S)
+            if not self.network and self.error is None:  # a recording that may lack its end
+                self.error = MediaError(f"{self.name}: writing did not finish within {CLOSE_WAIT_S:g} s")
+        self._thread = None
 
     # ------------------------------------------------------------------ the output's thread
 
@@ -142,18 +169,6 @@ class StreamSink:
                 self.dropped += 1
             self._queue.append(item)
             self._ready.notify()
-
-    def _finish(self) -> None:
-        if self._thread is None:
-            self._close_container(flush=False)
-            return
-        with self._ready:
-            self._queue.append(_CLOSE)
-            self._ready.notify()
-        self._thread.join(CLOSE_WAIT_S)
-        if self._thread.is_alive():
-            log.warning("%s: the output did not close within %.0f s", self.name, CLOSE_WAIT_S)
-        self._thread = None
 
     def _write_loop(self) -> None:
         while True:
@@ -186,6 +201,9 @@ class StreamSink:
             return False
         try:
             self._connect()
+        except FATAL_OUTPUT_ERRORS as exc:
+            self.error = MediaError(f"cannot publish to {self.name}: {exc}")  # the job fails at its next frame
+            return False
         except (av.error.FFmpegError, OSError, MediaError) as exc:
             self._failed(exc)
             return False
@@ -211,6 +229,8 @@ class StreamSink:
                                     timeout=(CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
             else:
                 container = av.open(self.target, "w", format=self.muxer, options=self.options)
+        except FATAL_OUTPUT_ERRORS:
+            raise
         except (av.error.FFmpegError, ValueError) as exc:
             raise MediaError(f"cannot open live output {self.name}: {exc}") from None
         try:
@@ -224,6 +244,7 @@ class StreamSink:
             raise
         self.container = container
         self._last_pts = None
+        self._last_copied_dts: dict[int, int] = {}  # per copied stream: muxers refuse dts that go back
 
     def _add_streams(self, container) -> None:
         fps = float(self.info.rate) if self.info.rate else 25.0
@@ -251,6 +272,12 @@ class StreamSink:
         out = self.stream_map.get(packet.stream.index)
         if out is None:
             return
+        dts = packet.dts if packet.dts is not None else packet.pts
+        if dts is not None:
+            dts_out = round(dts * packet.time_base / out.time_base) if out.time_base else dts
+            if dts_out <= self._last_copied_dts.get(out.index, -1 << 62):  # dropped, rather than failing the output
+                return
+            self._last_copied_dts[out.index] = dts_out
         # a packet of its own: the muxer rescales timestamps in place, and other outputs get the same packet
         mine = av.Packet(bytes(packet))
         mine.pts, mine.dts, mine.time_base = packet.pts, packet.dts, packet.time_base
@@ -307,15 +334,18 @@ class TeeSink:
             sink.copy(packet)
 
     def commit(self) -> None:
-        errors = []
-        for sink in self.sinks:
-            try:
-                sink.commit()
-            except MediaError as exc:
-                errors.append(exc)
+        self._close_all()
+        errors = [sink.error for sink in self.sinks if sink.error is not None and not sink.network]
         if errors:
             raise errors[0]
 
     def abort(self) -> None:
+        self._close_all()
+
+    def _close_all(self) -> None:
+        """All outputs flush at once, and are waited for together (not CLOSE_WAIT_S each)."""
         for sink in self.sinks:
-            sink.abort()
+            sink.request_close()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        for sink in self.sinks:
+            sink.await_close(deadline)

@@ -112,3 +112,15 @@ def region_rgb(frame: av.VideoFrame, layout: YUVLayout, x0: int, y0: int, x1: in
     u = plane(frame, 1, layout.dtype)[y0 >> sy:(y1 + (1 << sy) - 1) >> sy, x0 >> sx:(x1 + (1 << sx) - 1) >> sx]
     v = plane(frame, 2, layout.dtype)[y0 >> sy:(y1 + (1 << sy) - 1) >> sy, x0 >> sx:(x1 + (1 << sx) - 1) >> sx]
     return layout.to_rgb(y, u, v)
+
+
+def copy_frame(frame: av.VideoFrame) -> av.VideoFrame:
+    """A frame with its own pixels (PyAV's reformat() hands back the same frame when nothing
+    changes): one that is stamped differently while the original is still queued elsewhere."""
+    copy = av.VideoFrame(frame.width, frame.height, frame.format.name)
+    for src, dst in zip(frame.planes, copy.planes):
+        if src.line_size != dst.line_size or src.buffer_size != dst.buffer_size:
+            return av.VideoFrame.from_ndarray(frame.to_ndarray(), format=frame.format.name)
+        dst.update(src)
+    copy.color_range, copy.colorspace = frame.color_range, frame.colorspace
+    return copy
