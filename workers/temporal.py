@@ -25,7 +25,8 @@ the full crop. Registration and the change map are batched tensor maths in float
 the model runs in (sums of squared gradients overflow float16). The full-size work (thumbnail,
 warp of the previous output, blend) is batched torch on a GPU, in float16 where the model runs
 in float16; on a CPU it goes crop by crop through OpenCV, whose kernels are several times
-faster there than torch's for the same maths (the bicubic warp: ~4x).
+faster there than torch's for the same maths (the bicubic warp: ~2-4x), and the batch is split
+over ``cpu_threads`` threads (the caller's and helpers'), torch on one thread in each.
 
 A track's state is dropped on ``reset`` (scene cut, new worker), when frames were skipped, on
 ``end_track``/``bye``, or, least recently used first, when all states together exceed
@@ -34,9 +35,11 @@ A track's state is dropped on ``reset`` (scene cut, new worker), when frames wer
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -211,9 +214,10 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor) -> tor
     start_score, best = scores.min(dim=1)
     start = starts[torch.arange(n, device=starts.device), best]
     theta = start
+    pair = torch.cat([prev, cur])  # both thumbnails pooled in one call per level
     for side, steps in REGISTER_LEVELS:
         factor = LOWPASS_SIZE // side
-        level = (prev, cur) if factor == 1 else (F.avg_pool2d(prev, factor), F.avg_pool2d(cur, factor))
+        level = (prev, cur) if factor == 1 else F.avg_pool2d(pair, factor).split(n)
         theta = _gauss_newton(theta, *level, steps)
     better = _residual(prev, cur, theta) <= start_score  # also False where theta went NaN
     return torch.where(better.view(n, 1, 1), theta, start)
@@ -223,13 +227,18 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor) -> tor
 
 
 def _dilate(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Maximum over a size x size window (max_pool2d with stride 1 as separable maxima: several
-    times faster on a CPU)."""
+    """Maximum over a size x size window (max_pool2d with stride 1 as separable maxima of
+    shifted views: several times faster on a CPU)."""
     pad = size // 2
     x = F.pad(images, (pad, pad, pad, pad), value=float("-inf"))
     h, w = images.shape[-2:]
-    rows = torch.stack([x[..., :, k:k + w] for k in range(size)]).amax(dim=0)
-    return torch.stack([rows[..., k:k + h, :] for k in range(size)]).amax(dim=0)
+    rows = x[..., :, :w]
+    for k in range(1, size):
+        rows = torch.maximum(rows, x[..., :, k:k + w])
+    out = rows[..., :h, :]
+    for k in range(1, size):
+        out = torch.maximum(out, rows[..., k:k + h, :])
+    return out
 
 
 def change_weight(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, blend_max: float,
@@ -261,8 +270,16 @@ def _blend_on_cpu(previous: np.ndarray, theta: np.ndarray, weight: np.ndarray, r
     np.subtract(blended, restored, out=blended)  # restored + weight * (warped - restored), in place
     np.multiply(blended, weight, out=blended)
     np.add(blended, restored, out=blended)
-    cv2.add(blended, 0.0, dst=rounded, dtype=cv2.CV_8U)  # OpenCV's rounding, saturating conversion: one pass
+    _round_to_uint8(blended, rounded)
     return blended
+
+
+def _round_to_uint8(values: np.ndarray, out: np.ndarray) -> None:
+    """out = values rounded as OpenCV rounds (to nearest, ties to even), saturated to 0..255.
+    convertScaleAbs does that in one fast pass but of |values|, so the negatives a bicubic warp
+    can overshoot to are zeroed first; cv2.add(values, 0, dtype=CV_8U), the same result, takes
+    ~10x as long (a generic mixed-type path)."""
+    cv2.convertScaleAbs(cv2.threshold(values, 0, 0, cv2.THRESH_TOZERO)[1], dst=out)
 
 
 def _blend_batched(previous: torch.Tensor, theta: torch.Tensor, weight: torch.Tensor, restored: torch.Tensor,
@@ -277,17 +294,36 @@ def _blend_batched(previous: torch.Tensor, theta: torch.Tensor, weight: torch.Te
     return blended.permute(0, 2, 3, 1)
 
 
+def _one_torch_thread() -> None:
+    """A blend helper thread's initializer: torch runs this thread's CPU work on the thread
+    itself (the helpers already split the batch; OpenMP threads inside each small op would only
+    wait for each other). A thread takes its count from the process-wide default on first use,
+    and setting it sets that default too: a thread that ends at once puts the default back."""
+    default = torch.get_num_threads()
+    torch.set_num_threads(1)
+    restore = threading.Thread(target=torch.set_num_threads, args=(default,))
+    restore.start()
+    restore.join()
+
+
 class TemporalBlender:
     """The states of all tracks a worker serves. A worker's receiving thread drops and holds
     tracks while its model thread blends: the state table is locked, the maths is not."""
 
-    def __init__(self, blend_max: float, blend_sigma: float, max_bytes: int = 1 << 30, *, opencv_on_cpu: bool = True):
+    def __init__(self, blend_max: float, blend_sigma: float, max_bytes: int = 1 << 30, *, opencv_on_cpu: bool = True,
+                 cpu_threads: int = min(2, os.cpu_count() or 1)):
         self.blend_max = blend_max
         self.blend_sigma = blend_sigma
         self.max_bytes = max_bytes
         # on a CPU the full-size work goes crop by crop through OpenCV; False runs there what a
         # GPU runs, batched torch (slower on a CPU: for comparing the two)
         self.opencv_on_cpu = opencv_on_cpu
+        # on a CPU (with opencv_on_cpu) a batch's crops are split over the calling thread and
+        # cpu_threads - 1 helpers: OpenCV and torch release the GIL, and a thread per part keeps
+        # each one's torch on one thread, which the caller's (the worker's blend thread) is
+        self.cpu_threads = max(1, cpu_threads)
+        self._helpers = ThreadPoolExecutor(self.cpu_threads - 1, thread_name_prefix="blend-helper",
+                                           initializer=_one_torch_thread) if self.cpu_threads > 1 else None
         self._tracks: OrderedDict[tuple, _TrackState] = OrderedDict()
         self._bytes = 0
         self._held: Counter[tuple] = Counter()  # tracks with crops in the model: see hold()
@@ -296,6 +332,18 @@ class TemporalBlender:
 
     def __len__(self) -> int:
         return len(self._tracks)
+
+    def _split(self, work: Callable[[slice], object], n: int, parallel: bool) -> list:
+        """work(part) for consecutive parts of range(n), one per thread when ``parallel`` (the
+        first in the calling thread, the others on the helpers), else one part; the results in order."""
+        threads = max(1, min(self.cpu_threads, n)) if parallel else 1
+        parts = [slice(k * n // threads, (k + 1) * n // threads) for k in range(threads)]
+        helped = [self._helpers.submit(work, part) for part in parts[1:]]
+        try:
+            mine = work(parts[0])
+        finally:  # the helpers' parts end before anything else happens, even on an error here
+            results = [f.result() for f in helped]
+        return [mine, *results]
 
     def hold(self, keys: Sequence[tuple]) -> None:
         """Tracks whose crops are in the model: dropping them (end of track, bye) waits for
@@ -347,7 +395,7 @@ class TemporalBlender:
         dtype = blend_dtype(device, run_dtype)
         per_crop = device.type == "cpu" and self.opencv_on_cpu
         affine = [_as3x3(a) for a in affines]
-        lowpass = thumbnails(inputs, opencv=per_crop)
+        lowpass = torch.cat(self._split(lambda part: thumbnails(inputs[part], opencv=per_crop), n, per_crop))
 
         # each crop's predecessor: an earlier crop of its track in this batch (its index), the
         # stored state, or None (first frame, reset, frames skipped, blending off)
@@ -372,10 +420,14 @@ class TemporalBlender:
                 relative = to_norm @ prev_affine @ np.linalg.inv(affine[i]) @ np.linalg.inv(to_norm)
                 starts.append([np.eye(3), relative])
                 prev_low.append(lowpass[prev] if isinstance(prev, int) else prev.lowpass)
-            prev_low = torch.stack(prev_low)
+            prev_low, cur_low = torch.stack(prev_low), lowpass[linked]
             starts = torch.as_tensor(np.array(starts), dtype=torch.float32).to(device)
-            theta = register(prev_low, lowpass[linked], starts)
-            weight = change_weight(prev_low, lowpass[linked], theta, self.blend_max, self.blend_sigma)
+
+            def align(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                theta = register(prev_low[part], cur_low[part], starts[part])
+                return theta, change_weight(prev_low[part], cur_low[part], theta, self.blend_max, self.blend_sigma)
+
+            theta, weight = (torch.cat(parts) for parts in zip(*self._split(align, len(linked), per_crop)))
             row = {i: j for j, i in enumerate(linked)}
             if per_crop:
                 theta_host, weight_host = theta.double().numpy(), weight.numpy()
@@ -396,10 +448,13 @@ class TemporalBlender:
             chained = [i for i in this_round if prev_of[i] is not None]
             previous = [outputs[p] if isinstance(p := prev_of[i], int) else p.output for i in chained]
             if per_crop:
-                for i, prev_out in zip(chained, previous):
-                    blended = _blend_on_cpu(prev_out.numpy(), theta_host[row[i]], weight_host[row[i], 0],
-                                            restored[i].numpy(), rounded[i].numpy())
-                    outputs[i] = torch.from_numpy(blended)
+                def blend_part(part: slice) -> None:
+                    for i, prev_out in zip(chained[part], previous[part]):
+                        blended = _blend_on_cpu(prev_out.numpy(), theta_host[row[i]], weight_host[row[i], 0],
+                                                restored[i].numpy(), rounded[i].numpy())
+                        outputs[i] = torch.from_numpy(blended)
+
+                self._split(blend_part, len(chained), parallel=True)
             elif chained:
                 rows = [row[i] for i in chained]
                 blended = _blend_batched(torch.stack(previous), theta[rows], weight[rows], restored[chained], dtype)
