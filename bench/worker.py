@@ -8,9 +8,10 @@ throughput  the real Worker (receive loop, model thread, blender) in a thread, s
             full, per model latency and batch size; "full/off" is the ratio; "full, ref" is full
             with the blender the tensor one replaced.
 blend       the batched blend alone on the same kind of crops, batch 16, in a thread set up as
-            the worker's blend thread (torch on one thread, OpenCV on its own): ms per face at
-            256 and 512 px for the tensor blender and, for reference, the OpenCV/ECC one it
-            replaced (workers.temporal_reference, one crop at a time).
+            the worker's blend thread (torch on one thread, OpenCV on its own; on a CPU the
+            blender splits each batch between that thread and its own helper, as in the worker):
+            ms per face at 256 and 512 px for the tensor blender and, for reference, the
+            OpenCV/ECC one it replaced (workers.temporal_reference, one crop at a time).
 
 On a CPU the blend and the worker's other threads share the cores with the client; the model
 stand-in does not use them.

@@ -3,6 +3,7 @@
 the state lives between frames."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -120,6 +121,37 @@ def test_a_batch_gives_what_its_crops_give_one_at_a_time():
                                torch.from_numpy(crops[5:]), resets[5:])
     assert np.array_equal(np.concatenate([first.numpy(), rest.numpy()]), np.stack(singles))
     assert len(batched) == len(one_by_one) == 2
+
+
+def test_splitting_a_batch_over_threads_gives_what_one_thread_gives():
+    keys, frames, resets, affines, crops = _batch_inputs()
+    outs, states = [], []
+    for threads in (1, 2, 3):
+        blender = TemporalBlender(*BLEND, cpu_threads=threads)
+        outs.append(np.concatenate([blender.blend_batch(keys[s], frames[s], affines[s], torch.from_numpy(crops[s]),
+                                                        torch.from_numpy(crops[s]), resets[s]).numpy()
+                                    for s in (slice(0, 7), slice(7, None))]))
+        states.append({key: state.output for key, state in blender._tracks.items()})
+    for out, state in zip(outs[1:], states[1:]):
+        assert np.array_equal(out, outs[0])
+        assert all(torch.equal(state[key], states[0][key]) for key in states[0])
+
+
+def test_the_blend_helpers_run_torch_on_one_thread_and_leave_the_default_alone():
+    default = torch.get_num_threads()
+    blender = TemporalBlender(*BLEND, cpu_threads=2)
+    assert blender._helpers.submit(torch.get_num_threads).result() == 1
+    with ThreadPoolExecutor(1) as fresh:  # a thread started afterwards gets the process-wide default
+        assert fresh.submit(torch.get_num_threads).result() == default
+
+
+def test_the_fast_rounding_rounds_as_opencv_does():
+    values = np.random.default_rng(6).uniform(-30, 290, (64, 64, 3)).astype(np.float32)
+    values[0, :, 0] = np.arange(64) - 20.5  # ties, negative ones too
+    expected, out = np.empty(values.shape, np.uint8), np.empty(values.shape, np.uint8)
+    cv2.add(values, 0.0, dst=expected, dtype=cv2.CV_8U)
+    temporal._round_to_uint8(values, out)
+    assert np.array_equal(out, expected)
 
 
 def test_a_batch_keeps_the_state_rules():
