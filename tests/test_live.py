@@ -127,19 +127,22 @@ def test_live_reconnects_when_the_camera_comes_back(tmp_path, face_clip, retinaf
 
 
 def test_live_keeps_the_frame_rate_when_the_restorer_is_too_slow(tmp_path, face_clip, retinaface_mobile_weights):
-    with RtspRelay() as relay, Publisher(relay.publish_url, face_clip.path, fps=FPS):
+    # 10 fps: within what detection and tracking keep up with on a slow 2-core machine (~12 fps
+    # here with a restorer that costs nothing), so what is measured is the restorer's effect
+    fps = 10
+    with RtspRelay() as relay, Publisher(relay.publish_url, face_clip.path, fps=fps):
         relay.wait_publishing(20)
         # 300 ms per call: far slower than a frame interval, so most faces miss their deadline
         proc = _live([relay.play_url, "-o", str(tmp_path / "rec.mkv"), "--latency-ms", "200"], tmp_path,
                      retinaface_mobile_weights, model="standin-300+0ms-128px")
         try:
-            _wait(proc, lambda s: s["frames_out"] >= 2 * FPS, 60, tmp_path)
+            _wait(proc, lambda s: s["frames_out"] >= 2 * fps, 60, tmp_path)
             start_rss = _rss_kib(proc.pid)
-            status = _wait(proc, lambda s: s["frames_out"] >= 8 * FPS, 60, tmp_path)
+            status = _wait(proc, lambda s: s["frames_out"] >= 8 * fps, 60, tmp_path)
             end_rss = _rss_kib(proc.pid)
         finally:
             _stop(proc)
-    assert status["fps_out"] > 0.8 * FPS, status  # the output keeps the input's pace
+    assert status["fps_out"] > 0.8 * fps, json.dumps(status)  # the output keeps the input's pace
     assert status["hit_rate"] is not None and status["hit_rate"] < 0.8 and status["faces_passed"] > 0
     assert status["latency_p99_ms"] < 1000
     assert end_rss - start_rss < 40 * 1024, (start_rss, end_rss)  # nothing piles up

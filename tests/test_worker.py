@@ -391,3 +391,57 @@ def test_connecting_to_an_endpoint_where_nothing_listens_fails_fast(tmp_path):
         d.wait_ready(300)
     assert time.monotonic() - started < 5
     d.close()
+
+
+class SlowRestorer(IdentityRestorer):
+    def __init__(self, seconds: float):
+        super().__init__("identity", SIZE)
+        self.seconds = seconds
+
+    def restore(self, crops):
+        time.sleep(self.seconds)
+        return crops
+
+
+def test_a_crop_that_cannot_make_its_deadline_is_answered_at_once_while_the_model_is_busy():
+    """A live frame whose face cannot be restored in time goes out as soon as the worker knows,
+    not when its deadline passes (nor when the model is free again)."""
+    from streamer.dispatch import live_policy
+
+    worker, thread, endpoint = _start_thread_worker(SlowRestorer(1.0), batch=1, batch_wait_ms=1)
+    busy = _dispatcher([endpoint])  # no deadlines: keeps the model busy
+    links = [WorkerLink(zmq.Context.instance(), endpoint)]
+    live = Dispatcher(links, job="live-1", model="identity", size=SIZE, temporal="off", timeout_s=30,
+                      policy=live_policy(0.5, 1.0))
+    try:
+        live.wait_ready(30)
+        _run(busy, _frames(1))  # the worker learns that a batch takes 1 s
+        busy.submit(_frames(1, start=1)[0])
+        assert busy.pump(0) == []  # sent: the model is busy for the next second
+        time.sleep(0.1)
+        started = time.monotonic()
+        done = _run(live, _frames(1, start=2))
+        took = time.monotonic() - started
+        assert took < 0.3, took  # the worker's answer, not the 0.5 s deadline nor the model's 0.9 s left
+        assert not done[0].restored and live.passed_faces == 1
+        while not busy.pump(20):  # the busy crop comes back restored
+            assert time.monotonic() - started < 5
+    finally:
+        live.close()
+        busy.close()
+        worker.stop_event.set()
+        thread.join(10)
+
+
+def test_a_stale_run_time_estimate_wears_off_so_deadline_crops_are_tried_again():
+    worker = Worker({"identity": IdentityRestorer("identity", SIZE)}, batch=1, batch_wait_ms=1,
+                    blender=TemporalBlender(0.85, 0.03))
+    try:
+        worker._model_s["identity"] = 10.0  # one very slow batch (a warm-up)
+        worker._model_ran["identity"] = time.monotonic()
+        assert worker._estimate("identity") == pytest.approx(10.0, rel=0.01)
+        worker._model_ran["identity"] -= 5 * 6  # six half-lives without a run
+        assert worker._estimate("identity") < 10.0 / 60
+    finally:
+        worker.stop_event.set()
+        worker.serve()

@@ -41,6 +41,9 @@ def single_torch_thread() -> None:
 
 
 DRAIN_QUIET_S = 0.5  # after a stop request, keep serving until nothing arrived for this long
+# A model's run-time estimate halves for every this many seconds it has not run: an estimate
+# made stale by one slow batch (a warm-up) cannot shed a model's deadline crops for ever
+ESTIMATE_HALF_LIFE_S = 5.0
 DRAIN_MAX_S = 60.0
 
 
@@ -102,6 +105,7 @@ class Worker:
         torch.set_num_threads(threads)  # ...and changed the process-wide default: put it back
         self._batches: deque[_Batch] = deque()  # oldest first
         self._model_s: dict[str, float] = {}  # per model: how long a batch took lately (moving average)
+        self._model_ran: dict[str, float] = {}  # per model: time.monotonic() when a batch last finished
         self._wake, self._woken = socket.socketpair()
         self._woken.setblocking(False)
 
@@ -264,6 +268,8 @@ class Worker:
                 batch = self._start_next(flush)
                 if batch is not None:
                     self._batches.append(batch)
+            else:
+                self._shed_hopeless()
             while self._batches and (flush or self._batches[0].outcome.done()):
                 self._finish(self._batches.popleft())
             if not flush or (not self._batches and not any(self._pending.values())):
@@ -275,6 +281,29 @@ class Worker:
                 pass
         except BlockingIOError:
             pass
+
+    def _estimate(self, name: str) -> float:
+        """How long a batch of ``name`` takes, as far as we know (see ESTIMATE_HALF_LIFE_S)."""
+        idle_s = time.monotonic() - self._model_ran.get(name, time.monotonic())
+        return self._model_s.get(name, 0.0) * 0.5 ** (idle_s / ESTIMATE_HALF_LIFE_S)
+
+    def _shed_hopeless(self) -> None:
+        """While the model is busy: answer at once the queued crops that could not make their
+        deadline even if the model were free now, so their frames go out without waiting for
+        the deadline (a live job's latency under overload is then the detector's, not the
+        deadline's)."""
+        now = time.time()
+        for name, queue in self._pending.items():
+            soonest = now + self._estimate(name)
+            if not queue or not any(p.crop.deadline is not None and p.crop.deadline < soonest for p in queue):
+                continue
+            keep = deque()
+            for p in queue:
+                if p.crop.deadline is not None and p.crop.deadline < soonest:
+                    self._send_error(p, "the deadline passes before the crop could be restored")
+                else:
+                    keep.append(p)
+            self._pending[name] = keep
 
     def _start_next(self, flush: bool) -> _Batch | None:
         """The ready queue whose oldest crop waited longest: up to ``batch`` of its crops
@@ -292,14 +321,12 @@ class Worker:
             # when this batch would come back: after the batches ahead of it and its own run
             # (as long as the model took lately); a crop that cannot make its deadline is
             # answered now, so that under overload the others still make theirs
-            done_at = time.time() + (len(self._batches) + 1) * self._model_s.get(name, 0.0)
+            done_at = time.time() + (len(self._batches) + 1) * self._estimate(name)
             while len(items) < self.batch and queue:  # a full batch of crops that can still make it
                 for p in take_batch(queue, self.batch - len(items)):  # deadlines first, then decoders in turn
                     (late if p.crop.deadline is not None and p.crop.deadline < done_at else items).append(p)
             for p in late:
                 self._send_error(p, "the deadline passes before the crop could be restored")
-            if late and not items:  # the estimate may be stale (one slow batch): it comes down until a batch runs
-                self._model_s[name] = 0.8 * self._model_s.get(name, 0.0)
             if items:
                 break
         restorer = self.restorers[name]
@@ -322,6 +349,7 @@ class Worker:
         took = time.perf_counter() - started
         metrics.MODEL_SECONDS.labels(model=restorer.name).observe(took)
         self._model_s[restorer.name] = 0.7 * self._model_s.get(restorer.name, took) + 0.3 * took
+        self._model_ran[restorer.name] = time.monotonic()
         return batch, restored
 
     def _blend(self, restorer: Restorer, crops: list[wire.Crop], keys: list[tuple],
