@@ -60,7 +60,8 @@ def test_an_encoder_option_ffmpeg_rejects_is_one_clear_line(tmp_path):
     assert not (tmp_path / "out.mp4").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGINT here under -m slow: tests/test_signals.py sends it at every phase of a run
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signals_cancel_and_leave_no_output(tmp_path, sig):
     clip = make_clip(tmp_path / "in.mp4", frames=400)
     out = tmp_path / "out.mp4"

@@ -28,7 +28,9 @@ def test_key_layout_spec_matches_the_official_code_for_every_release():
         assert {k: list(v) for k, v in official_key_shapes(cfg).items()} == official[name], name
 
 
-@pytest.mark.parametrize("name", list(RELEASED_CONFIGS))
+# the 1024 and 2048 layouts (~8 s each to build) under -m slow; their key lists are checked above
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if RELEASED_CONFIGS[n].size > 512 else n
+                                  for n in RELEASED_CONFIGS])
 def test_official_layout_loads_strictly_and_infers_its_config(name):
     cfg = RELEASED_CONFIGS[name]
     state = deterministic_state_dict(cfg)

@@ -15,8 +15,11 @@ Speed: a fresh interpreter spends ~5 s importing torch before it even looks at t
 for 60 cases is most of the test budget. So by default the cases run in processes forked from
 one interpreter that has imported ``streamer.cli`` (and with it torch, PyAV, OpenCV) and done
 nothing else: each child sets its working directory and environment, points fds 0-2 at
-/dev/null and files, calls ``streamer.cli.main(argv)`` and exits through the normal interpreter
-shutdown with its return value, exactly as ``python -m streamer`` does. Children are separate
+/dev/null and files, calls ``streamer.cli.main(argv)`` and exits with its return value the way
+``python -m streamer`` does: uncaught exceptions printed, non-daemon threads joined, atexit
+handlers run (logging flushed), stdio flushed; then ``os._exit``, skipping only the unloading of
+modules, which for torch's CUDA build costs ~1.4 s a process on a slow machine (the fresh
+variant below exits the whole way). Children are separate
 processes, so exit codes, signals, stray workers and files are observed as for the real
 command. ``test_hostile_input_fresh`` (marked slow) runs the whole corpus through
 ``python -m streamer`` subprocesses instead. Runs go two at a time.
@@ -53,10 +56,11 @@ MAX_FFMPEG_LINES = 10  # more FFmpeg log lines than this on stderr drown the one
 # ---------------------------------------------------------------------- the pre-imported interpreter
 
 ZYGOTE = r'''
-import json, os, sys
+import atexit, json, os, sys, threading, traceback
 sys.path.insert(0, sys.argv[1])
 import streamer.cli  # noqa: the expensive imports, once
 import streamer.pipeline  # noqa
+import streamer.jobs.restore, workers.build, av, zmq, redis  # noqa: what a restore imports on its way (no threads yet)
 from streamer.cli import main
 
 ctl_in = os.fdopen(os.dup(0), "r")
@@ -80,7 +84,21 @@ def child(req):
         os.dup2(f, fd)
         os.close(f)
     sys.argv = [sys.argv[0], *req["argv"]]
-    sys.exit(main(req["argv"]))
+    try:
+        code = main(req["argv"])
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if isinstance(code, str):  # as sys.exit("message") does
+        print(code, file=sys.stderr)
+        code = 1
+    threading._shutdown()  # what interpreter exit does, in its order, short of unloading modules
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 while True:

@@ -170,7 +170,8 @@ PHASES = [  # (signal, seconds after launch or an event, workers)
     pytest.param(signal.SIGTERM, "workers", 2, id="SIGTERM-workers-starting-w2"),
     pytest.param(signal.SIGINT, "progress", 2, id="SIGINT-mid-run-w2"),
     pytest.param(signal.SIGTERM, "committed", 1, id="SIGTERM-just-committed"),
-    pytest.param(signal.SIGINT, "committed", 2, id="SIGINT-just-committed-w2"),
+    # the same moment with two worker processes: under -m slow (the default run has one w2 case per signal)
+    pytest.param(signal.SIGINT, "committed", 2, id="SIGINT-just-committed-w2", marks=pytest.mark.slow),
 ]
 
 

@@ -108,6 +108,8 @@ class LiveSource:
             if not self._thread.is_alive():
                 break
         if self.info is None:
+            if self.stop.is_set() and not isinstance(self._error, InputError):  # the reader saw the cancel first
+                raise Cancelled("cancelled before the input could be opened")
             raise self._error or MediaError(f"{self.name}: the input ended before its first frame")
         return self.info
 
