@@ -44,6 +44,7 @@ DRAIN_QUIET_S = 0.5  # after a stop request, keep serving until nothing arrived 
 # A model's run-time estimate halves for every this many seconds it has not run: an estimate
 # made stale by one slow batch (a warm-up) cannot shed a model's deadline crops for ever
 ESTIMATE_HALF_LIFE_S = 5.0
+TOO_LATE = "the deadline passes before the crop could be restored"
 DRAIN_MAX_S = 60.0
 
 
@@ -295,15 +296,12 @@ class Worker:
         now = time.time()
         for name, queue in self._pending.items():
             soonest = now + self._estimate(name)
-            if not queue or not any(p.crop.deadline is not None and p.crop.deadline < soonest for p in queue):
-                continue
-            keep = deque()
-            for p in queue:
-                if p.crop.deadline is not None and p.crop.deadline < soonest:
-                    self._send_error(p, "the deadline passes before the crop could be restored")
-                else:
-                    keep.append(p)
-            self._pending[name] = keep
+            late = [p for p in queue if p.crop.deadline is not None and p.crop.deadline < soonest]
+            if late:
+                gone = {id(p) for p in late}  # by identity: _Pending holds arrays, == would compare them
+                self._pending[name] = deque(p for p in queue if id(p) not in gone)
+                for p in late:
+                    self._send_error(p, TOO_LATE)
 
     def _start_next(self, flush: bool) -> _Batch | None:
         """The ready queue whose oldest crop waited longest: up to ``batch`` of its crops
@@ -326,7 +324,7 @@ class Worker:
                 for p in take_batch(queue, self.batch - len(items)):  # deadlines first, then decoders in turn
                     (late if p.crop.deadline is not None and p.crop.deadline < done_at else items).append(p)
             for p in late:
-                self._send_error(p, "the deadline passes before the crop could be restored")
+                self._send_error(p, TOO_LATE)
             if items:
                 break
         restorer = self.restorers[name]

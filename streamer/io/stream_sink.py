@@ -129,13 +129,13 @@ class StreamSink:
         self._put(("packet", packet, None))
 
     def commit(self) -> Path | None:
-        self.request_close()
-        self.await_close(time.monotonic() + CLOSE_WAIT_S)
+        self.abort()
         if self.error is not None:
             raise self.error
         return None if self.network else Path(self.target)
 
     def abort(self) -> None:
+        """Flush and close (ending is the same whether the job was cancelled or not)."""
         self.request_close()
         self.await_close(time.monotonic() + CLOSE_WAIT_S)
 
@@ -335,7 +335,7 @@ class TeeSink:
 
     def commit(self) -> None:
         self._close_all()
-        errors = [sink.error for sink in self.sinks if sink.error is not None and not sink.network]
+        errors = [sink.error for sink in self.sinks if sink.error is not None]  # as StreamSink.commit raises
         if errors:
             raise errors[0]
 
