@@ -3,7 +3,7 @@
 the state lives between frames."""
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -138,11 +138,25 @@ def test_splitting_a_batch_over_threads_gives_what_one_thread_gives():
 
 
 def test_the_blend_helpers_run_torch_on_one_thread_and_leave_the_default_alone():
-    default = torch.get_num_threads()
-    blender = TemporalBlender(*BLEND, cpu_threads=2)
-    assert blender._helpers.submit(torch.get_num_threads).result() == 1
-    with ThreadPoolExecutor(1) as fresh:  # a thread started afterwards gets the process-wide default
-        assert fresh.submit(torch.get_num_threads).result() == default
+    # in a process of its own: the default is process-wide, and threads other tests left behind
+    # (workers, other blenders' helpers) could change it meanwhile
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from concurrent.futures import ThreadPoolExecutor
+from workers.temporal import TemporalBlender
+torch.set_num_threads(2)
+blender = TemporalBlender(0.85, 0.03, cpu_threads=2)
+helper = blender._helpers.submit(torch.get_num_threads).result()
+with ThreadPoolExecutor(1) as fresh:  # a thread started afterwards gets the process-wide default
+    print(helper, fresh.submit(torch.get_num_threads).result())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "2"]
 
 
 def test_the_fast_rounding_rounds_as_opencv_does():
