@@ -35,6 +35,7 @@ A track's state is dropped on ``reset`` (scene cut, new worker), when frames wer
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -113,9 +114,27 @@ def thumbnails(crops: torch.Tensor, opencv: bool) -> torch.Tensor:
 
 def _thumbnails_opencv(crops: torch.Tensor) -> torch.Tensor:
     side = (LOWPASS_SIZE, LOWPASS_SIZE)
-    small = [cv2.GaussianBlur(cv2.resize(c.astype(np.float32), side, interpolation=cv2.INTER_AREA),
-                              (LOWPASS_TAPS, LOWPASS_TAPS), LOWPASS_SIGMA) for c in crops.numpy()]
+    small = []
+    for crop in crops.numpy():
+        as_float = _scratch("crop", crop.shape, np.float32)
+        np.copyto(as_float, crop)
+        small.append(cv2.GaussianBlur(cv2.resize(as_float, side, interpolation=cv2.INTER_AREA),
+                                      (LOWPASS_TAPS, LOWPASS_TAPS), LOWPASS_SIGMA))
     return torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).contiguous()
+
+
+_thread_scratch = threading.local()
+
+
+def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A work array of this thread's, reused from call to call. A fresh array of a crop's size
+    is fresh pages from the kernel each time: at 512 px that was ~350 page faults and ~2 ms of
+    system time per face, more than the maths around the warp."""
+    arrays = _thread_scratch.__dict__
+    array = arrays.get(name)
+    if array is None or array.shape != tuple(shape) or array.dtype != dtype:
+        array = arrays[name] = np.empty(shape, dtype)
+    return array
 
 
 def _thumbnails_torch(crops: torch.Tensor) -> torch.Tensor:
@@ -140,11 +159,17 @@ def _centres(side: int, device: torch.device) -> torch.Tensor:
 
 
 def _sources(theta: torch.Tensor, side: int) -> torch.Tensor:
-    """N x 2 x side x side: where each pixel's x and y come from under warps theta (N x 3 x 3)."""
-    c = _centres(side, theta.device)
-    x, y = c.view(1, 1, 1, side), c.view(1, 1, side, 1)
-    t = theta[:, :2, :, None, None]
-    return x * t[:, :, 0] + y * t[:, :, 1] + t[:, :, 2]
+    """N x 2 x side x side: where each pixel's x and y come from under warps theta (N x 3 x 3),
+    as one matrix product with the pixels' (x, y, 1) (a broadcast sum of a row and a column
+    takes ~10x as long on a CPU)."""
+    return (theta[:, :2] @ _pixels(side, theta.device)).view(-1, 2, side, side)
+
+
+@functools.cache
+def _pixels(side: int, device: torch.device) -> torch.Tensor:
+    """3 x side^2: the normalised (x, y, 1) of every pixel centre, row by row."""
+    c = _centres(side, device)
+    return torch.stack([c.repeat(side), c.repeat_interleave(side), torch.ones(side * side, device=device)])
 
 
 def _grid(theta: torch.Tensor, side: int) -> torch.Tensor:
@@ -265,16 +290,21 @@ def change_weight(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, bl
 
 
 def _blend_on_cpu(previous: np.ndarray, theta: np.ndarray, weight: np.ndarray, restored: np.ndarray,
-                  rounded: np.ndarray) -> np.ndarray:
+                  rounded: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """One crop: the previous output (S x S x 3 float32) warped by theta (bicubic, the border
     repeated), blended into ``restored`` with ``weight`` (L x L) upsampled bilinearly. Writes
-    the uint8 result into ``rounded`` and returns the float32 one. OpenCV and numpy only: torch
-    ops in between would wake torch's OpenMP threads, which then spin against OpenCV's."""
+    the uint8 result into ``rounded`` and the float32 one into ``out`` (or a new array), and
+    returns the float32 one. OpenCV and numpy only: torch ops in between would wake torch's
+    OpenMP threads, which then spin against OpenCV's."""
     size = previous.shape[0]
-    blended = cv2.warpAffine(previous, _to_pixels(theta, size), (size, size),
+    blended = cv2.warpAffine(previous, _to_pixels(theta, size), (size, size), dst=out,
                              flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-    weight = cv2.resize(cv2.merge([weight, weight, weight]), (size, size), interpolation=cv2.INTER_LINEAR)
-    restored = np.asarray(restored, dtype=np.float32)  # arithmetic mixing uint8 and float32 is several times slower
+    weight = cv2.resize(cv2.merge([weight, weight, weight]), (size, size), dst=_scratch("weight", blended.shape,
+                        np.float32), interpolation=cv2.INTER_LINEAR)
+    # arithmetic mixing uint8 and float32 is several times slower: convert first
+    restored, as_float = np.asarray(restored), _scratch("restored", blended.shape, np.float32)
+    np.copyto(as_float, restored)
+    restored = as_float
     np.subtract(blended, restored, out=blended)  # restored + weight * (warped - restored), in place
     np.multiply(blended, weight, out=blended)
     np.add(blended, restored, out=blended)
@@ -287,7 +317,8 @@ def _round_to_uint8(values: np.ndarray, out: np.ndarray) -> None:
     convertScaleAbs does that in one fast pass but of |values|, so the negatives a bicubic warp
     can overshoot to are zeroed first; cv2.add(values, 0, dtype=CV_8U), the same result, takes
     ~10x as long (a generic mixed-type path)."""
-    cv2.convertScaleAbs(cv2.threshold(values, 0, 0, cv2.THRESH_TOZERO)[1], dst=out)
+    clipped = cv2.threshold(values, 0, 0, cv2.THRESH_TOZERO, dst=_scratch("clipped", values.shape, np.float32))[1]
+    cv2.convertScaleAbs(clipped, dst=out)
 
 
 def _blend_batched(previous: torch.Tensor, theta: torch.Tensor, weight: torch.Tensor, restored: torch.Tensor,
@@ -336,6 +367,7 @@ class TemporalBlender:
         self._bytes = 0
         self._held: Counter[tuple] = Counter()  # tracks with crops in the model: see hold()
         self._deferred: list[tuple] = []  # drops waiting for a release()
+        self._spares: list[torch.Tensor] = []  # replaced states' outputs, for new states to reuse (on a CPU)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -413,6 +445,8 @@ class TemporalBlender:
             stored = {key: self._tracks.get(key) for key in keys}
         for i, key in enumerate(keys):
             prev = None if resets[i] or self.blend_max <= 0 else latest.get(key, stored[key])
+            if isinstance(prev, _TrackState) and prev.output.shape[0] != size:
+                prev = None  # the track's crops changed size (another model): start afresh
             prev_frame = frames[prev] if isinstance(prev, int) else prev.frame if prev is not None else None
             prev_of.append(prev if prev is not None and 0 < frames[i] - prev_frame <= MAX_FRAME_GAP else None)
             latest[key] = i
@@ -451,16 +485,21 @@ class TemporalBlender:
             this_round = [i for i in range(n) if depth[i] == level]
             for i in this_round:
                 if prev_of[i] is None:
-                    outputs[i] = restored[i].to(dtype, memory_format=torch.contiguous_format, copy=True)
+                    if per_crop:
+                        outputs[i] = self._spare_output(restored.shape[1:]).copy_(restored[i])
+                    else:
+                        outputs[i] = restored[i].to(dtype, memory_format=torch.contiguous_format, copy=True)
                     rounded[i] = restored[i]  # whole numbers already
             chained = [i for i in this_round if prev_of[i] is not None]
             previous = [outputs[p] if isinstance(p := prev_of[i], int) else p.output for i in chained]
             if per_crop:
+                for i in chained:
+                    outputs[i] = self._spare_output(restored.shape[1:])
+
                 def blend_part(part: slice) -> None:
                     for i, prev_out in zip(chained[part], previous[part]):
-                        blended = _blend_on_cpu(prev_out.numpy(), theta_host[row[i]], weight_host[row[i], 0],
-                                                restored[i].numpy(), rounded[i].numpy())
-                        outputs[i] = torch.from_numpy(blended)
+                        _blend_on_cpu(prev_out.numpy(), theta_host[row[i]], weight_host[row[i], 0],
+                                      restored[i].numpy(), rounded[i].numpy(), out=outputs[i].numpy())
 
                 self._split(blend_part, len(chained), parallel=True)
             elif chained:
@@ -473,10 +512,24 @@ class TemporalBlender:
         with self._lock:
             for i, key in enumerate(keys):
                 if key in self._tracks:
+                    replaced = self._tracks[key].output
                     self._forget(key)
+                    if per_crop:  # the crop before this one in the track, in this batch or stored
+                        self._spares.append(replaced)
                 state = _TrackState(frames[i], affine[i], outputs[i], lowpass[i].clone())
                 self._tracks[key] = state
                 self._bytes += state.nbytes
             while self._bytes > self.max_bytes and len(self._tracks) > 1:
                 self._forget(next(iter(self._tracks)))  # least recently used
+            del self._spares[:max(0, len(self._spares) - n)]  # one batch's worth is all the next batch can use
         return rounded
+
+    def _spare_output(self, shape: torch.Size) -> torch.Tensor:
+        """A float32 CPU tensor for a new state's output: a replaced state's, when one of that
+        shape is left over (see _scratch: fresh memory costs more than the maths), else new."""
+        with self._lock:
+            while self._spares:
+                spare = self._spares.pop()
+                if spare.shape == shape and spare.dtype == torch.float32 and spare.is_contiguous():
+                    return spare
+        return torch.empty(shape, dtype=torch.float32)
