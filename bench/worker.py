@@ -11,7 +11,9 @@ blend       the batched blend alone on the same kind of crops, batch 16, in a th
             the worker's blend thread (torch on one thread, OpenCV on its own; on a CPU the
             blender splits each batch between that thread and its own helper, as in the worker):
             ms per face at 256 and 512 px for the tensor blender and, for reference, the
-            OpenCV/ECC one it replaced (workers.temporal_reference, one crop at a time).
+            OpenCV/ECC one it replaced (workers.temporal_reference, one crop at a time):
+            the median of --blend-rounds rounds, the two measured in turn in each (a shared
+            machine's speed drifts within minutes; taking turns keeps the ratio fair).
 
 On a CPU the blend and the worker's other threads share the cores with the client; the model
 stand-in does not use them.
@@ -29,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, beside bench/
 
 import argparse  # noqa: E402
+import statistics  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -159,7 +162,8 @@ def main() -> None:
     ap.add_argument("--latencies", type=float, nargs="+", default=[1.0, 5.0], help="stand-in model, ms per face")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=4.0, help="measured per configuration, after a warm-up")
-    ap.add_argument("--blend-batches", type=int, default=10)
+    ap.add_argument("--blend-batches", type=int, default=10, help="batches of 16 per blend measurement")
+    ap.add_argument("--blend-rounds", type=int, default=3, help="blend measurements of each blender, taken in turn")
     ap.add_argument("--threads", type=int, default=0, help="torch and OpenCV threads (default: theirs)")
     args = ap.parse_args()
     if args.threads:
@@ -178,12 +182,14 @@ def main() -> None:
             ref = throughput(latency, batch, "full", sequences, args.seconds, ReferenceBlender)
             print(f"{latency:>14g}{batch:>7}{off:>9.1f}{full:>9.1f}{full / off:>10.2f}{ref:>11.1f}", flush=True)
 
-    print("\nblend, ms per face (batch 16)")
+    print(f"\nblend, ms per face (batch 16; median of {args.blend_rounds} rounds, taken in turn)")
     print(f"{'crop':>6}{'tensor':>9}{'reference':>11}{'ratio':>8}")
     for size in (256, 512):
         sequences = [face_sequence(size, FRAMES, seed) for seed in range(16)]
-        tensor = blend_ms(TemporalBlender(BLEND_MAX, BLEND_SIGMA), sequences, args.blend_batches)
-        reference = blend_ms(ReferenceBlender(BLEND_MAX, BLEND_SIGMA), sequences, args.blend_batches)
+        rounds = [(blend_ms(TemporalBlender(BLEND_MAX, BLEND_SIGMA), sequences, args.blend_batches),
+                   blend_ms(ReferenceBlender(BLEND_MAX, BLEND_SIGMA), sequences, args.blend_batches))
+                  for _ in range(args.blend_rounds)]
+        tensor, reference = (statistics.median(times) for times in zip(*rounds))
         print(f"{size:>6}{tensor:>9.2f}{reference:>11.2f}{reference / tensor:>8.2f}", flush=True)
 
 
