@@ -734,5 +734,20 @@ def _jobs(args, interrupt: Interrupt) -> int:
     return 0
 
 
+def run() -> None:
+    """The command line's entry point (``gpen-stream``, ``python -m streamer``): main(), then
+    exit with its status. Once a command has returned, its outcome is settled (the output
+    committed or not), so SIGINT and SIGTERM are ignored from then on: Python puts back the
+    default handlers while it exits, and exiting takes a while (unloading torch's CUDA build
+    alone ~1.4 s), in which a signal would otherwise kill a finished run ("killed by SIGINT",
+    its complete output left behind)."""
+    try:
+        code = main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

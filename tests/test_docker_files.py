@@ -338,8 +338,8 @@ def test_entrypoint_is_the_console_script():
     for name, path in DOCKERFILES.items():
         [entrypoint] = args_of(path, "ENTRYPOINT")
         [script] = json.loads(entrypoint)
-        assert scripts.get(script) == "streamer.cli:main", name
-    assert callable(streamer.cli.main)
+        assert scripts.get(script) == "streamer.cli:run", name
+    assert callable(streamer.cli.run)
 
 
 def test_app_exposes_the_serve_port_and_checks_the_health_route():

@@ -37,6 +37,9 @@ from tests.support.corpus import counted_frames, frame_times
 from tests.test_hostile_inputs import cli_env, wait_for_no_processes
 
 FRAMES = 96
+# after the last line a restore prints, the interpreter takes a while to exit: ~1.4 s to unload
+# torch's CUDA build alone, on a slow machine
+EXITING_S = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,8 @@ def run_with_signal(clip, folder: Path, sig: signal.Signals, *, after_s: float |
     """Start a restore in ``folder`` and send ``sig`` ``after_s`` seconds after launch, or when
     ``on_event`` happens: "progress" (the first progress line with frames done: frames are
     flowing), "workers" (a ``streamer worker`` process exists), "committed" (the output has just
-    been renamed into place: the run is tearing down)."""
+    been renamed into place: the run is tearing down), "exiting" (EXITING_S after the final
+    "done" line: the command has returned and the interpreter is exiting)."""
     folder.mkdir(parents=True)
     # a short TMPDIR: --workers 2 puts ipc:// sockets there, and a socket path is limited to 107
     # bytes (a long TMPDIR is a separate corpus case: workers_2_long_tmpdir)
@@ -92,7 +96,7 @@ def run_with_signal(clip, folder: Path, sig: signal.Signals, *, after_s: float |
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     stdout_lines: list[str] = []
     stderr_chunks: list[str] = []
-    progress = threading.Event()
+    progress, done = threading.Event(), threading.Event()
     workers_seen: set[int] = set()
 
     def read_stdout():
@@ -104,6 +108,8 @@ def run_with_signal(clip, folder: Path, sig: signal.Signals, *, after_s: float |
                 continue
             if event.get("event") == "progress" and event.get("frames_done", 0) > 0:
                 progress.set()
+            elif event.get("event") == "done":
+                done.set()
 
     readers = [threading.Thread(target=read_stdout, daemon=True),
                threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)]
@@ -122,7 +128,8 @@ def run_with_signal(clip, folder: Path, sig: signal.Signals, *, after_s: float |
         now = time.monotonic()
         due = (after_s is not None and now - launched >= after_s) or (
             on_event == "progress" and progress.is_set()) or (
-            on_event == "workers" and workers_seen) or (on_event == "committed" and out.exists())
+            on_event == "workers" and workers_seen) or (on_event == "committed" and out.exists()) or (
+            on_event == "exiting" and done.wait(0) and time.sleep(EXITING_S) is None)
         if due:
             sent_at = now - launched
             proc.send_signal(sig)
@@ -170,6 +177,7 @@ PHASES = [  # (signal, seconds after launch or an event, workers)
     pytest.param(signal.SIGTERM, "workers", 2, id="SIGTERM-workers-starting-w2"),
     pytest.param(signal.SIGINT, "progress", 2, id="SIGINT-mid-run-w2"),
     pytest.param(signal.SIGTERM, "committed", 1, id="SIGTERM-just-committed"),
+    pytest.param(signal.SIGINT, "exiting", 1, id="SIGINT-while-the-interpreter-exits"),
     # the same moment with two worker processes: under -m slow (the default run has one w2 case per signal)
     pytest.param(signal.SIGINT, "committed", 2, id="SIGINT-just-committed-w2", marks=pytest.mark.slow),
 ]
