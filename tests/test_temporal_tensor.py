@@ -143,6 +143,32 @@ def test_reused_state_memory_never_belongs_to_a_live_track():
     assert reused  # the memory was reused, and what it held before did not leak into another track
 
 
+def test_the_memory_kept_for_reuse_goes_with_the_last_track():
+    keys, frames, resets, affines, crops = _batch_inputs()
+    blender = TemporalBlender(*BLEND)
+    for part in (slice(0, 5), slice(5, None)):
+        blender.blend_batch(keys[part], frames[part], affines[part], torch.from_numpy(crops[part]),
+                            torch.from_numpy(crops[part]), resets[part])
+    assert blender._spares
+    blender.drop(("peer", "job", 0))
+    assert blender._spares  # track 1 is still there
+    blender.drop(("peer",))
+    assert len(blender) == 0 and not blender._spares
+
+
+def test_the_blend_refuses_memory_it_cannot_write_into():
+    (affine, crop), = _jittered_crops(1, 32, seed=5)
+    previous, weight = crop.astype(np.float32), np.full((8, 8), 0.5, np.float32)
+    with pytest.raises(ValueError, match="float32"):
+        temporal._blend_on_cpu(previous, np.eye(3), weight, crop, np.empty_like(crop), out=np.empty(crop.shape))
+
+
+def test_the_grids_a_gpu_builds_are_the_grids_a_cpu_builds():
+    theta = torch.eye(3).repeat(4, 1, 1) + torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(7)) * 0.05
+    for side in (32, 128):
+        assert torch.allclose(temporal._sources(theta, side), temporal._sources_summed(theta, side), atol=1e-6)
+
+
 def test_a_track_whose_crops_change_size_starts_afresh():
     blender = TemporalBlender(*BLEND)
     (a0, c0), = _jittered_crops(1, 96, seed=2)

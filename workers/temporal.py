@@ -159,10 +159,21 @@ def _centres(side: int, device: torch.device) -> torch.Tensor:
 
 
 def _sources(theta: torch.Tensor, side: int) -> torch.Tensor:
-    """N x 2 x side x side: where each pixel's x and y come from under warps theta (N x 3 x 3),
-    as one matrix product with the pixels' (x, y, 1) (a broadcast sum of a row and a column
-    takes ~10x as long on a CPU)."""
-    return (theta[:, :2] @ _pixels(side, theta.device)).view(-1, 2, side, side)
+    """N x 2 x side x side: where each pixel's x and y come from under warps theta (N x 3 x 3).
+    On a CPU as one matrix product with the pixels' (x, y, 1): the broadcast sum of a row and a
+    column takes ~10x as long there. On a GPU as that sum: a matrix product there may run in
+    TF32 (torch.set_float32_matmul_precision), whose 10-bit mantissa would misplace samples by
+    up to a pixel at 2048 px."""
+    if theta.device.type == "cpu":
+        return (theta[:, :2] @ _pixels(side, theta.device)).view(-1, 2, side, side)
+    return _sources_summed(theta, side)
+
+
+def _sources_summed(theta: torch.Tensor, side: int) -> torch.Tensor:
+    c = _centres(side, theta.device)
+    x, y = c.view(1, 1, 1, side), c.view(1, 1, side, 1)
+    t = theta[:, :2, :, None, None]
+    return x * t[:, :, 0] + y * t[:, :, 1] + t[:, :, 2]
 
 
 @functools.cache
@@ -299,6 +310,8 @@ def _blend_on_cpu(previous: np.ndarray, theta: np.ndarray, weight: np.ndarray, r
     size = previous.shape[0]
     blended = cv2.warpAffine(previous, _to_pixels(theta, size), (size, size), dst=out,
                              flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    if out is not None and blended is not out:  # OpenCV writes elsewhere, silently, into an out that does not fit
+        raise ValueError(f"out must be a {previous.shape} float32 array, not {out.shape} {out.dtype}")
     weight = cv2.resize(cv2.merge([weight, weight, weight]), (size, size), dst=_scratch("weight", blended.shape,
                         np.float32), interpolation=cv2.INTER_LINEAR)
     # arithmetic mixing uint8 and float32 is several times slower: convert first
@@ -412,6 +425,8 @@ class TemporalBlender:
             self._deferred.append(key_prefix)
         for key in [k for k in self._tracks if k[:n] == key_prefix and k not in self._held]:
             self._forget(key)
+        if not self._tracks:
+            self._spares.clear()  # nothing left to replace: the memory kept for that goes too
 
     def _forget(self, key: tuple) -> None:
         self._bytes -= self._tracks.pop(key).nbytes
@@ -530,6 +545,7 @@ class TemporalBlender:
         with self._lock:
             while self._spares:
                 spare = self._spares.pop()
-                if spare.shape == shape and spare.dtype == torch.float32 and spare.is_contiguous():
+                if (spare.shape == shape and spare.dtype == torch.float32 and spare.device.type == "cpu"
+                        and spare.is_contiguous()):
                     return spare
         return torch.empty(shape, dtype=torch.float32)
