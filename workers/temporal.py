@@ -165,7 +165,7 @@ def _sources(theta: torch.Tensor, side: int) -> torch.Tensor:
     TF32 (torch.set_float32_matmul_precision), whose 10-bit mantissa would misplace samples by
     up to a pixel at 2048 px."""
     if theta.device.type == "cpu":
-        return (theta[:, :2] @ _pixels(side, theta.device)).view(-1, 2, side, side)
+        return (theta[:, :2] @ _pixels(side)).view(-1, 2, side, side)
     return _sources_summed(theta, side)
 
 
@@ -177,10 +177,10 @@ def _sources_summed(theta: torch.Tensor, side: int) -> torch.Tensor:
 
 
 @functools.cache
-def _pixels(side: int, device: torch.device) -> torch.Tensor:
-    """3 x side^2: the normalised (x, y, 1) of every pixel centre, row by row."""
-    c = _centres(side, device)
-    return torch.stack([c.repeat(side), c.repeat_interleave(side), torch.ones(side * side, device=device)])
+def _pixels(side: int) -> torch.Tensor:
+    """3 x side^2 on the CPU: the normalised (x, y, 1) of every pixel centre, row by row."""
+    c = _centres(side, torch.device("cpu"))
+    return torch.stack([c.repeat(side), c.repeat_interleave(side), torch.ones(side * side)])
 
 
 def _grid(theta: torch.Tensor, side: int) -> torch.Tensor:
@@ -315,7 +315,7 @@ def _blend_on_cpu(previous: np.ndarray, theta: np.ndarray, weight: np.ndarray, r
     weight = cv2.resize(cv2.merge([weight, weight, weight]), (size, size), dst=_scratch("weight", blended.shape,
                         np.float32), interpolation=cv2.INTER_LINEAR)
     # arithmetic mixing uint8 and float32 is several times slower: convert first
-    restored, as_float = np.asarray(restored), _scratch("restored", blended.shape, np.float32)
+    as_float = _scratch("restored", blended.shape, np.float32)
     np.copyto(as_float, restored)
     restored = as_float
     np.subtract(blended, restored, out=blended)  # restored + weight * (warped - restored), in place

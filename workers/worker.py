@@ -41,11 +41,11 @@ def single_torch_thread() -> None:
 
 
 DRAIN_QUIET_S = 0.5  # after a stop request, keep serving until nothing arrived for this long
+DRAIN_MAX_S = 60.0
 # A model's run-time estimate halves for every this many seconds it has not run: an estimate
 # made stale by one slow batch (a warm-up) cannot shed a model's deadline crops for ever
 ESTIMATE_HALF_LIFE_S = 5.0
 TOO_LATE = "the deadline passes before the crop could be restored"
-DRAIN_MAX_S = 60.0
 
 
 @dataclass
