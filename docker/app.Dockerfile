@@ -53,10 +53,15 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GPEN_STREAM_HOME=/var/cache/gpen-stream \
+    NUMBA_CACHE_DIR=/var/cache/gpen-stream/numba \
     GPEN_STREAM_SERVE_HTTP_HOST=0.0.0.0
-# fail the build, not the first job, when a library is missing
+# fail the build, not the first job, when a library is missing,
+# and compile the CPU temporal blend's numba kernels into NUMBA_CACHE_DIR (in the volume: a
+# container starts without the ~4 s compile; a CPU unlike the build machine's adds its own)
 RUN python -c "import av, cv2, torch, torchvision, zmq, facexlib, streamer.engine, streamer.serve.daemon" \
-    && gpen-stream --help >/dev/null
+    && gpen-stream --help >/dev/null \
+    && python -c "from workers import cpu_kernels; cpu_kernels.warm_up()" \
+    && chown -R gpen:gpen /var/cache/gpen-stream
 USER ${UID}:${GID}
 WORKDIR /home/gpen
 VOLUME ["/var/cache/gpen-stream"]

@@ -213,13 +213,6 @@ with ThreadPoolExecutor(1) as fresh:  # a thread started afterwards gets the pro
     assert out.stdout.split() == ["1", "2"]
 
 
-def test_the_fast_rounding_rounds_as_opencv_does():
-    values = np.random.default_rng(6).uniform(-30, 290, (64, 64, 3)).astype(np.float32)
-    values[0, :, 0] = np.arange(64) - 20.5  # ties, negative ones too
-    expected, out = np.empty(values.shape, np.uint8), np.empty(values.shape, np.uint8)
-    cv2.add(values, 0.0, dst=expected, dtype=cv2.CV_8U)
-    temporal._round_to_uint8(values, out)
-    assert np.array_equal(out, expected)
 
 
 def test_a_batch_keeps_the_state_rules():

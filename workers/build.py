@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from configs import WorkerSettings
-from workers import metrics
+from workers import cpu_kernels, metrics
 from workers.budget import fit_batch, reserve_for_loading
 from workers.residency import Residency, ResidentRestorer
 from workers.restorers import (ModelUnavailable, build_restorer, crop_size, needs_weights, resolve_device,
@@ -58,6 +58,8 @@ def build_worker(models: Iterable[str], settings: WorkerSettings, *, device: str
             residency.get(name)
     restorers = {name: ResidentRestorer(residency, name, crop_size(name, settings.models.get(name)),
                                         dtype if needs_weights(name) else torch.float32) for name in models}
+    if dev.type == "cpu":  # the CPU blend's kernels: compiled now, not in the first batch
+        cpu_kernels.warm_up()
     return Worker(restorers, batch=batch, batch_wait_ms=settings.batch_wait_ms, credits=settings.credits,
                   device=str(dev), context=context, worker_id=worker_id, residency=residency,
                   blender=TemporalBlender(settings.blend_max, settings.blend_sigma))

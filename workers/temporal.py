@@ -24,9 +24,10 @@ crop's edges, grid_sample's ``align_corners=False``), so one matrix serves the t
 the full crop. Registration and the change map are batched tensor maths in float32 whatever
 the model runs in (sums of squared gradients overflow float16). The full-size work (thumbnail,
 warp of the previous output, blend) is batched torch on a GPU, in float16 where the model runs
-in float16; on a CPU it goes crop by crop through OpenCV, whose kernels are several times
-faster there than torch's for the same maths (the bicubic warp: ~2-4x), and the batch is split
-over ``cpu_threads`` threads (the caller's and helpers'), torch on one thread in each.
+in float16; on a CPU it goes crop by crop through OpenCV and, for the bicubic warp, our own
+numba kernel (workers.cpu_kernels: OpenCV's warp, ~3x faster), which are several times faster
+there than torch's batched maths, and the batch is split over ``cpu_threads`` threads (the
+caller's and helpers'), torch on one thread in each.
 
 A track's state is dropped on ``reset`` (scene cut, new worker), when frames were skipped, on
 ``end_track``/``bye``, or, least recently used first, when all states together exceed
@@ -47,6 +48,9 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from workers import cpu_kernels
+from workers.cpu_kernels import normal_equations, warp_blend
 
 LOWPASS_SIZE = 128  # motion and change are measured on a 128x128 thumbnail of the crop
 LOWPASS_TAPS, LOWPASS_SIGMA = 5, 1.0  # the thumbnail's Gaussian low-pass
@@ -149,6 +153,8 @@ def _thumbnails_torch(crops: torch.Tensor) -> torch.Tensor:
 
 
 def _gray(thumbs: torch.Tensor) -> torch.Tensor:
+    if thumbs.device.type == "cpu":  # one numba pass instead of two torch ones
+        return torch.from_numpy(cpu_kernels.gray(thumbs.contiguous().numpy(), np.array(GRAY)))
     weights = torch.tensor(GRAY, dtype=thumbs.dtype, device=thumbs.device).view(1, 3, 1, 1)
     return (thumbs * weights).sum(dim=1, keepdim=True)
 
@@ -197,7 +203,10 @@ def _sample(images: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Te
 
 def _residual(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Per pair, mean |prev(theta(x)) - cur(x)|, the border repeated."""
-    return (_sample(prev, theta, "border") - cur).abs().mean(dim=(1, 2, 3))
+    warped = _sample(prev, theta, "border")
+    if warped.device.type == "cpu":  # one numba pass instead of three torch ones
+        return torch.from_numpy(cpu_kernels.mean_abs_difference(warped.numpy(), cur.numpy()))
+    return (warped - cur).abs().mean(dim=(1, 2, 3))
 
 
 def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, steps: int) -> torch.Tensor:
@@ -209,37 +218,50 @@ def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, st
     linearly for (gain * step, gain, bias), then theta <- theta o (I + step)."""
     n, _, side, _ = cur.shape
     c = _centres(side, cur.device)
-    u, v = c.view(1, 1, 1, side), c.view(1, 1, side, 1)
-    # the least-squares system's columns, written in place: J (6), W (for the gain), 1 (the
-    # bias), and cur. J holds the central differences unscaled, pixel[x+1] - pixel[x-1]: twice
-    # the slope per pixel, side / 4 times the slope per normalised unit, by which the step is
-    # divided at the end instead of scaling every pixel
-    columns = torch.empty((n, 9, side, side), device=cur.device)
-    columns[:, 8:] = cur
-    gx, gy = columns[:, 2:3], columns[:, 5:6]
+    on_cpu = cur.device.type == "cpu"
+    if not on_cpu:
+        columns = torch.empty((n, 9, side, side), device=cur.device)
+        columns[:, 8:] = cur
     identity = torch.eye(3, device=cur.device)
     for _ in range(steps):
         sources = _sources(theta, side)
         warped = F.grid_sample(prev, sources.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
                                align_corners=False)
-        inside = (sources.abs().amax(dim=1, keepdim=True) <= 1).float()  # only these pixels count
-        padded = F.pad(warped, (1, 1, 1, 1), mode="replicate")
-        torch.sub(padded[:, :, 1:-1, 2:], padded[:, :, 1:-1, :-2], out=gx).mul_(inside)
-        torch.sub(padded[:, :, 2:, 1:-1], padded[:, :, :-2, 1:-1], out=gy).mul_(inside)
-        torch.mul(gx, u, out=columns[:, 0:1])
-        torch.mul(gx, v, out=columns[:, 1:2])
-        torch.mul(gy, u, out=columns[:, 3:4])
-        torch.mul(gy, v, out=columns[:, 4:5])
-        torch.mul(warped, inside, out=columns[:, 6:7])
-        columns[:, 7:8] = inside
-        flat = columns.view(n, 9, side * side)
-        normal = flat[:, :8] @ flat.transpose(1, 2)  # n x 8 x 9: the normal equations, right side last
+        if on_cpu:  # the same sums in one numba pass over the pixels: half the time of the torch ops
+            normal = torch.from_numpy(normal_equations(warped.numpy(), sources.numpy(), c.numpy(), cur.numpy()))
+        else:
+            normal = _normal_equations(warped, sources, c, columns)
         lhs, rhs = normal[..., :8], normal[..., 8:]
         lhs.diagonal(dim1=1, dim2=2).mul_(1 + 1e-6).add_(1e-6)  # a whisker of damping: flat images solve to 0
         solution = torch.linalg.solve_ex(lhs, rhs).result  # solve() would check for errors: a GPU sync
         step = solution[:, :6] / solution[:, 6:7].clamp(min=MIN_GAIN) * (4 / side)
         theta = theta @ (identity + F.pad(step.view(n, 2, 3), (0, 0, 0, 1)))
     return theta
+
+
+def _normal_equations(warped: torch.Tensor, sources: torch.Tensor, c: torch.Tensor, columns: torch.Tensor
+                      ) -> torch.Tensor:
+    """N x 8 x 9: the normal equations, right side last, with torch. The least-squares system's
+    columns are written in place into ``columns`` (N x 9 x S x S, cur already in the last): J
+    (6), W (for the gain), 1 (the bias), and cur, over the pixels inside prev. J holds the
+    central differences unscaled, pixel[x+1] - pixel[x-1]: twice the slope per pixel, side / 4
+    times the slope per normalised unit, by which the step is divided at the end instead of
+    scaling every pixel."""
+    n, side = columns.shape[0], columns.shape[-1]
+    u, v = c.view(1, 1, 1, side), c.view(1, 1, side, 1)
+    gx, gy = columns[:, 2:3], columns[:, 5:6]
+    inside = (sources.abs().amax(dim=1, keepdim=True) <= 1).float()  # only these pixels count
+    padded = F.pad(warped, (1, 1, 1, 1), mode="replicate")
+    torch.sub(padded[:, :, 1:-1, 2:], padded[:, :, 1:-1, :-2], out=gx).mul_(inside)
+    torch.sub(padded[:, :, 2:, 1:-1], padded[:, :, :-2, 1:-1], out=gy).mul_(inside)
+    torch.mul(gx, u, out=columns[:, 0:1])
+    torch.mul(gx, v, out=columns[:, 1:2])
+    torch.mul(gy, u, out=columns[:, 3:4])
+    torch.mul(gy, v, out=columns[:, 4:5])
+    torch.mul(warped, inside, out=columns[:, 6:7])
+    columns[:, 7:8] = inside
+    flat = columns.view(n, 9, side * side)
+    return flat[:, :8] @ flat.transpose(1, 2)
 
 
 def _halve(images: torch.Tensor) -> torch.Tensor:
@@ -290,6 +312,14 @@ def change_weight(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, bl
     """N x 1 x L x L weight of the previous output, from the thumbnails aligned by theta."""
     covered = torch.ones_like(prev[:, :1])
     warped = _sample(torch.cat([prev, covered], dim=1), theta, "zeros")
+    if warped.device.type == "cpu":  # the rest in one numba pass instead of ~15 torch ops
+        return torch.from_numpy(cpu_kernels.change_weight(warped.numpy(), cur.contiguous().numpy(), OUTSIDE, blend_max,
+                                                          blend_sigma, CHANGE_DILATE))
+    return _change_weight_torch(warped, cur, blend_max, blend_sigma)
+
+
+def _change_weight_torch(warped: torch.Tensor, cur: torch.Tensor, blend_max: float, blend_sigma: float) -> torch.Tensor:
+    """The weight from the previous thumbnails warped with a coverage channel last."""
     # bilinear taps outside the old crop count as OUTSIDE: a huge change, so no blending there
     aligned = warped[:, :3] + OUTSIDE * (1 - warped[:, 3:])
     change = (cur - aligned).abs().mean(dim=1, keepdim=True) / 255
@@ -304,34 +334,11 @@ def _blend_on_cpu(previous: np.ndarray, theta: np.ndarray, weight: np.ndarray, r
                   rounded: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """One crop: the previous output (S x S x 3 float32) warped by theta (bicubic, the border
     repeated), blended into ``restored`` with ``weight`` (L x L) upsampled bilinearly. Writes
-    the uint8 result into ``rounded`` and the float32 one into ``out`` (or a new array), and
-    returns the float32 one. OpenCV and numpy only: torch ops in between would wake torch's
-    OpenMP threads, which then spin against OpenCV's."""
-    size = previous.shape[0]
-    blended = cv2.warpAffine(previous, _to_pixels(theta, size), (size, size), dst=out,
-                             flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-    if out is not None and blended is not out:  # OpenCV writes elsewhere, silently, into an out that does not fit
-        raise ValueError(f"out must be a {previous.shape} float32 array, not {out.shape} {out.dtype}")
-    weight = cv2.resize(cv2.merge([weight, weight, weight]), (size, size), dst=_scratch("weight", blended.shape,
-                        np.float32), interpolation=cv2.INTER_LINEAR)
-    # arithmetic mixing uint8 and float32 is several times slower: convert first
-    as_float = _scratch("restored", blended.shape, np.float32)
-    np.copyto(as_float, restored)
-    restored = as_float
-    np.subtract(blended, restored, out=blended)  # restored + weight * (warped - restored), in place
-    np.multiply(blended, weight, out=blended)
-    np.add(blended, restored, out=blended)
-    _round_to_uint8(blended, rounded)
-    return blended
-
-
-def _round_to_uint8(values: np.ndarray, out: np.ndarray) -> None:
-    """out = values rounded as OpenCV rounds (to nearest, ties to even), saturated to 0..255.
-    convertScaleAbs does that in one fast pass but of |values|, so the negatives a bicubic warp
-    can overshoot to are zeroed first; cv2.add(values, 0, dtype=CV_8U), the same result, takes
-    ~10x as long (a generic mixed-type path)."""
-    clipped = cv2.threshold(values, 0, 0, cv2.THRESH_TOZERO, dst=_scratch("clipped", values.shape, np.float32))[1]
-    cv2.convertScaleAbs(clipped, dst=out)
+    the uint8 result (rounded to nearest, ties to even, saturated) into ``rounded`` and the
+    float32 one into ``out`` (or a new array), and returns the float32 one. One pass of our
+    numba kernel (workers.cpu_kernels); no torch ops: they would wake torch's OpenMP threads,
+    which then spin against the helpers."""
+    return warp_blend(previous, _to_pixels(theta, previous.shape[0]), weight, restored, rounded, out)
 
 
 def _blend_batched(previous: torch.Tensor, theta: torch.Tensor, weight: torch.Tensor, restored: torch.Tensor,

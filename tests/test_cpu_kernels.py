@@ -1,0 +1,253 @@
+"""The temporal blend's numba kernels (workers.cpu_kernels) against plain numpy maths and OpenCV."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workers.cpu_kernels import normal_equations, warp_blend, warp_cubic
+
+
+def bicubic_float64(src: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The warp by the book: every output pixel's exact source position in float64, Keys' cubic
+    (a = -0.75), each tap's index clamped (the border repeated)."""
+    h, w = src.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    sx = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
+    sy = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+    sx, sy = np.clip(sx, -1e9, 1e9), np.clip(sy, -1e9, 1e9)
+    x0, y0 = np.floor(sx), np.floor(sy)
+
+    def taps(f):
+        a, g = -0.75, 1 - f
+        w0, w3, w1 = a * f * g * g, a * f * f * g, f * f * ((a + 2) * f - (a + 3)) + 1
+        return w0, w1, 1 - w0 - w1 - w3, w3
+
+    out = np.zeros(src.shape, np.float64)
+    for j, wy in enumerate(taps(sy - y0)):
+        rows = np.clip(y0.astype(np.int64) + j - 1, 0, h - 1)
+        for i, wx in enumerate(taps(sx - x0)):
+            cols = np.clip(x0.astype(np.int64) + i - 1, 0, w - 1)
+            out += (wy * wx)[..., None] * src[rows, cols]
+    return out
+
+
+def smooth_image(rng, h: int, w: int, ch: int = 3) -> np.ndarray:
+    image = rng.uniform(0, 255, (h, w, ch)).astype(np.float32)
+    return np.ascontiguousarray(cv2.GaussianBlur(image, (0, 0), 1.0).reshape(h, w, ch))
+
+
+def rotation(size: int, degrees: float, scale: float = 1.0, shift=(0.0, 0.0)) -> np.ndarray:
+    return cv2.getRotationMatrix2D((size / 2 - 0.5, size / 2 - 0.5), degrees, scale) + np.array([[0, 0, shift[0]],
+                                                                                               [0, 0, shift[1]]])
+
+
+WARPS = {
+    "identity": np.array([[1.0, 0, 0], [0, 1, 0]]),
+    "sub-pixel shift": np.array([[1.0, 0, 0.37], [0, 1, -0.61]]),
+    "near identity": np.array([[1.002, 0.003, 0.5], [-0.003, 1.001, 0.3]]),
+    "tracked face, frame to frame": rotation(96, 2.4, 0.94, (3.1, -1.7)),
+    "large rotation": rotation(96, 35, 1.2),
+    "mirrored": np.array([[-1.0, 0, 95.3], [0, 1, 0.2]]),
+    "shrinking": np.array([[2.7, 0.1, -20], [-0.2, 2.5, -30]]),
+    "far outside": np.array([[1.0, 0, 1e7], [0, 1, -3e6]]),
+}
+
+
+@pytest.mark.parametrize("name", WARPS)
+def test_the_warp_is_bicubic_at_each_pixels_exact_position(name):
+    src = smooth_image(np.random.default_rng(1), 96, 96)
+    got = warp_cubic(src, WARPS[name])
+    assert np.abs(got - bicubic_float64(src.astype(np.float64), WARPS[name])).max() < 2e-3
+
+
+def test_a_nonsensical_warp_still_reads_only_the_image():
+    """Coefficients so large that the order of the sums decides where a pixel lands: no exact
+    answer to compare with, but every value must come from the image's neighbourhoods."""
+    src = smooth_image(np.random.default_rng(4), 32, 32)
+    got = warp_cubic(src, np.array([[1e60, -1e60, 3], [2e50, 1, 1e70]]))
+    spread = src.max() - src.min()
+    assert np.isfinite(got).all() and src.min() - spread / 4 <= got.min() and got.max() <= src.max() + spread / 4
+
+
+def test_the_warp_is_opencvs_bicubic_warp():
+    """What the blend used before, within OpenCV's own float32 rounding of positions."""
+    src = smooth_image(np.random.default_rng(2), 256, 256)
+    for m in (WARPS["near identity"], rotation(256, 1.5, 1.03, (2.2, 0.4))):
+        expected = cv2.warpAffine(src, m, (256, 256), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REPLICATE)
+        assert np.abs(warp_cubic(src, m) - expected).max() < 0.01
+
+
+@settings(max_examples=150, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), ch=st.integers(1, 4), seed=st.integers(0, 2**32 - 1),
+       spread=st.sampled_from([0.0, 0.01, 0.1, 1.0]))
+def test_the_warp_is_bicubic_for_any_shape_and_warp(h, w, ch, seed, spread):
+    rng = np.random.default_rng(seed)
+    src = rng.uniform(-50, 300, (h, w, ch)).astype(np.float32)
+    m = np.array([[1.0, 0, 0], [0, 1, 0]]) + rng.normal(0, spread, (2, 3)) * [[1, 1, w], [1, 1, h]]
+    got = warp_cubic(src, m)
+    assert np.abs(got - bicubic_float64(src.astype(np.float64), m)).max() < 2e-3 * (1 + np.abs(m[:, :2]).max())
+
+
+def test_the_warp_stays_inside_its_arrays(tmp_path):
+    """The kernel runs without bounds checks; here numba checks every index (NUMBA_BOUNDSCHECK
+    overrides the kernel's own setting), over warps and shapes that put runs against every edge."""
+    script = """
+import numpy as np
+from workers.cpu_kernels import normal_equations, warp_blend, warp_cubic
+rng = np.random.default_rng(7)
+for trial in range(300):
+    h, w, ch = int(rng.integers(1, 24)), int(rng.integers(1, 24)), int(rng.integers(1, 4))
+    src = rng.uniform(0, 255, (h, w, ch)).astype(np.float32)
+    m = np.array([[1.0, 0, 0], [0, 1, 0]]) + rng.normal(0, [0.02, 0.3][trial % 2], (2, 3)) * [[1, 1, w], [1, 1, h]]
+    warp_cubic(src, m)
+    restored = rng.integers(0, 256, (h, w, ch), dtype=np.uint8)
+    weight = rng.uniform(0, 1, (int(rng.integers(1, 9)), int(rng.integers(1, 9)))).astype(np.float32)
+    warp_blend(src, m, weight, restored, np.empty_like(restored))
+print("ok")
+"""
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path)}  # compiled afresh, checked
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_the_blend_is_the_warp_then_the_weighted_mean_then_opencvs_rounding():
+    rng = np.random.default_rng(3)
+    size = 128
+    previous = smooth_image(rng, size, size)
+    previous[:40, :40], previous[-40:, -40:] = -40, 300  # beyond 0..255: the rounding saturates
+    restored = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    weight = rng.uniform(0, 0.9, (32, 32)).astype(np.float32)
+    m = WARPS["tracked face, frame to frame"]
+    rounded = np.empty_like(restored)
+    state = warp_blend(previous, m, weight, restored, rounded)
+
+    upsampled = cv2.resize(weight, (size, size), interpolation=cv2.INTER_LINEAR)[..., None]
+    expected = restored + upsampled * (warp_cubic(previous, m) - restored)
+    assert np.abs(state - expected).max() < 1e-3
+    opencv_rounded = np.empty_like(restored)
+    cv2.add(state, 0.0, dst=opencv_rounded, dtype=cv2.CV_8U)  # to nearest, ties to even, saturated
+    assert np.array_equal(rounded, opencv_rounded)
+    assert (rounded == 0).any() and (rounded == 255).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_blend_takes_the_restored_crop_as_whole_numbers_in_a_float_type(dtype):
+    """A model's output may stay in its run dtype: the same numbers blend the same."""
+    rng = np.random.default_rng(8)
+    previous = smooth_image(rng, 48, 48)
+    restored = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    weight = rng.uniform(0, 0.9, (16, 16)).astype(np.float32)
+    m = WARPS["near identity"]
+    expected_rounded, rounded = np.empty_like(restored), np.empty_like(restored)
+    expected = warp_blend(previous, m, weight, restored, expected_rounded)
+    got = warp_blend(previous, m, weight, restored.astype(dtype), rounded)
+    assert np.array_equal(got, expected) and np.array_equal(rounded, expected_rounded)
+
+
+def test_the_blend_rounds_ties_to_even_and_saturates():
+    values = np.array([20.5, 21.5, -3.5, -0.4, 254.5, 255.5, 300.2, 0.5, 1.5, 7.49], np.float32)
+    previous = np.ascontiguousarray(np.tile(values, (4, 1))[..., None])
+    restored = np.zeros(previous.shape, np.uint8)  # with weight 1 the state is the warped previous
+    rounded = np.empty_like(restored)
+    state = warp_blend(previous, WARPS["identity"], np.ones((2, 2), np.float32), restored, rounded)
+    assert np.array_equal(state, previous)
+    assert rounded[0, :, 0].tolist() == [20, 22, 0, 0, 254, 255, 255, 0, 2, 7]
+
+
+def test_the_kernels_refuse_what_they_cannot_do():
+    src = np.zeros((8, 8, 3), np.float32)
+    restored = np.zeros((8, 8, 3), np.uint8)
+    weight = np.zeros((4, 4), np.float32)
+    identity = WARPS["identity"]
+    with pytest.raises(ValueError, match="float32"):
+        warp_cubic(src.astype(np.float64), identity)
+    with pytest.raises(ValueError, match="overlap"):
+        warp_cubic(src, identity, out=src)
+    with pytest.raises(ValueError, match="finite"):
+        warp_cubic(src, np.array([[np.nan, 0, 0], [0, 1, 0]]))
+    with pytest.raises(ValueError, match="out must be"):
+        warp_cubic(src, identity, out=np.zeros((8, 8, 3)))
+    with pytest.raises(ValueError, match="restored"):
+        warp_blend(src, identity, weight, restored[:4], np.empty_like(restored))
+    with pytest.raises(ValueError, match="weight"):
+        warp_blend(src, identity, weight[None], restored, np.empty_like(restored))
+    with pytest.raises(ValueError, match="rounded"):
+        warp_blend(src, identity, weight, restored, np.empty((8, 8, 3), np.float32))
+
+
+@pytest.mark.parametrize("side", [1, 2, 5, 32])
+def test_the_normal_equations_are_the_torch_ones(side):
+    """The Gauss-Newton step's sums in one numba pass, against the torch ops a GPU runs."""
+    import torch
+
+    from workers import temporal
+
+    rng = np.random.default_rng(side)
+    n = 3
+    warped = torch.from_numpy(rng.uniform(0, 255, (n, 1, side, side)).astype(np.float32))
+    sources = torch.from_numpy(rng.uniform(-1.3, 1.3, (n, 2, side, side)).astype(np.float32))  # some outside
+    target = torch.from_numpy(rng.uniform(0, 255, (n, 1, side, side)).astype(np.float32))
+    c = temporal._centres(side, torch.device("cpu"))
+    columns = torch.empty((n, 9, side, side))
+    columns[:, 8:] = target
+    expected = temporal._normal_equations(warped, sources, c, columns).double().numpy()
+    got = normal_equations(warped.numpy(), sources.numpy(), c.numpy(), target.numpy())
+    assert got.shape == (n, 8, 9) and got.dtype == np.float32
+    scale = np.abs(expected).max(axis=(1, 2), keepdims=True)
+    assert np.abs(got - expected).max() <= 1e-5 * scale.max()
+    assert np.array_equal(got[:, :, :8], got[:, :, :8].transpose(0, 2, 1))  # symmetric, as it must be
+
+
+def test_the_change_map_is_the_torch_one():
+    """Coverage, the per-pixel change, its dilation and the weight: numba against torch."""
+    import torch
+
+    from workers import cpu_kernels, temporal
+
+    rng = np.random.default_rng(11)
+    cur = torch.from_numpy(rng.uniform(0, 255, (3, 3, 24, 24)).astype(np.float32))
+    warped = torch.from_numpy(rng.uniform(0, 255, (3, 4, 24, 24)).astype(np.float32))
+    warped[:, 3] = torch.from_numpy(rng.choice([0.0, 0.3, 1.0], (3, 24, 24)).astype(np.float32))  # coverage
+    warped[:, :3] = cur + torch.from_numpy(rng.normal(0, 8, (3, 3, 24, 24)).astype(np.float32))  # small changes
+    expected = temporal._change_weight_torch(warped, cur, 0.85, 0.05).numpy()
+    got = cpu_kernels.change_weight(warped.numpy(), cur.numpy(), temporal.OUTSIDE, 0.85, 0.05, temporal.CHANGE_DILATE)
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
+    assert 0.01 < got.max() and got.min() == 0  # both blending and uncovered pixels are in the case
+
+
+def test_gray_and_the_mean_difference_are_plain_sums():
+    from workers import cpu_kernels, temporal
+
+    rng = np.random.default_rng(12)
+    thumbs = rng.uniform(0, 255, (2, 3, 9, 7)).astype(np.float32)
+    weights = np.array(temporal.GRAY)
+    expected = (thumbs * weights.astype(np.float32)[None, :, None, None]).sum(axis=1, keepdims=True)
+    assert np.abs(cpu_kernels.gray(thumbs, weights) - expected).max() < 1e-4
+    a, b = thumbs[:, :1], thumbs[:, 1:2]
+    assert np.allclose(cpu_kernels.mean_abs_difference(a, b), np.abs(a - b).mean(axis=(1, 2, 3)), rtol=1e-6)
+
+
+def test_without_anywhere_to_cache_the_kernels_compile_per_process():
+    """A read-only install with no writable home: numba finds no cache location (simulated by
+    allowing only the zip-import locator) and the kernels are compiled in the process instead."""
+    script = """
+import numpy as np
+from workers import cpu_kernels
+assert type(cpu_kernels._warp_cubic._cache).__name__ == "NullCache"
+print(cpu_kernels.warp_cubic(np.ones((6, 6, 3), np.float32), np.eye(3)[:2]).sum())
+"""
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "_ZipCacheLocator"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and float(out.stdout) == 108.0, out.stderr[-3000:]

@@ -1,0 +1,524 @@
+"""The temporal blend's CPU kernels, compiled with numba (workers/temporal.py calls them for
+CPU tensors; a GPU runs the same maths as batched torch ops).
+
+Full size, per crop:
+- ``warp_cubic``: ``cv2.warpAffine(src, m, flags=INTER_CUBIC | WARP_INVERSE_MAP,
+  borderMode=BORDER_REPLICATE)`` for float32 images: the same Keys cubic (a = -0.75) at each
+  pixel's exact source position, the border repeated. OpenCV runs it as scalar code, 16 taps
+  per channel per pixel; at 512 px it was over half of the blend's CPU time. Here a row is cut
+  into runs: for a warp near the identity (consecutive crops of one face) long runs of output
+  pixels read the same four source rows, one source column per output column, so a run is a
+  4x4 filter over contiguous memory with weights that change per pixel, which the compiler
+  vectorizes (bench/RESULTS.md: 2-3.5x OpenCV's speed, depending on how far the face moved).
+  Pixels whose taps leave the image go one at a time, the border repeated.
+- ``warp_blend``: that warp, the blend with the restored crop and the rounding to uint8 in one
+  pass, a row at a time while the row is in cache.
+
+Thumbnails (registration and the change map), per batch: ``normal_equations`` (a Gauss-Newton
+step's sums), ``gray``, ``mean_abs_difference`` and ``change_weight``, each one pass instead of
+several torch ops over the whole batch; torch's vectorized grid_sample still does the sampling.
+
+Indices in vectorized loops are unsigned on purpose: numba wraps negative indices around, and
+the check for that kept LLVM from vectorizing (it ran ~4x slower). Fast-math is limited to
+reassociation and contraction (sums vectorize, multiply-adds fuse): NaN and infinity keep their
+meaning, which the registration's "did refining make it worse" check relies on.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from numba import njit
+
+CUBIC_A = -0.75  # Keys' parameter, OpenCV's choice
+
+
+FAST_MATH = {"reassoc", "contract"}  # not "nnan"/"ninf": see above
+
+
+def _compile(function):
+    """njit, nogil (the blend splits a batch over threads), the compiled code cached beside the
+    module or in NUMBA_CACHE_DIR (~4 s to compile them all); without a writable cache, compiled
+    once per process."""
+    options = dict(nogil=True, fastmath=FAST_MATH, error_model="numpy", boundscheck=False)
+    try:
+        return njit(cache=True, **options)(function)
+    except RuntimeError:  # numba found nowhere to cache
+        return njit(**options)(function)
+
+
+@_compile
+def _cubic_weights(f):
+    """The four taps' weights at fraction f in [0, 1): Keys' kernel at 1 + f, f, 1 - f, 2 - f."""
+    a = np.float32(CUBIC_A)
+    one = np.float32(1)
+    g = one - f
+    afg = a * f * g
+    w0 = afg * g
+    w3 = afg * f
+    w1 = f * f * ((a + np.float32(2)) * f - (a + np.float32(3))) + one
+    return w0, w1, one - w0 - w1 - w3, w3
+
+
+@_compile
+def _warp_cubic(src, m, out, blend, weight, restored, rounded):
+    h, w, ch = src.shape
+    n = w * ch
+    flat = src.reshape(h, n)
+    res = out.reshape(h, n)
+    if blend:
+        kept = restored.reshape(h, n)
+        whole = rounded.reshape(h, n)
+        # the weight map, already upsampled along rows (see warp_blend): its rows, per output row
+        hl, hr, hf = _linear_taps(h, weight.shape[0])
+    column = np.empty(n, np.float32)  # each element's pixel column
+    for t in range(n):
+        column[t] = t // ch
+    sx = np.empty(w, np.float64)  # a row's source positions
+    sy = np.empty(w, np.float64)
+    ix = np.empty(w, np.int64)  # and their floors
+    iy = np.empty(w, np.int64)
+    a = np.float32(CUBIC_A)
+    one = np.float32(1)
+    a2, a3 = a + np.float32(2), a + np.float32(3)
+    dx, dy = np.float32(m[0, 0] - 1), np.float32(m[1, 0])  # per column: what the fractions move by
+    step1, step2, step3 = np.uint64(ch), np.uint64(2 * ch), np.uint64(3 * ch)
+    for y in range(h):
+        bx = m[0, 1] * y + m[0, 2]
+        by = m[1, 1] * y + m[1, 2]
+        for x in range(w):
+            # beyond 2 pixels outside, every tap reads the border: clamping there changes
+            # nothing and keeps far-off positions in integer range
+            sx[x] = min(max(m[0, 0] * x + bx, -2.0), w + 1.0)
+            sy[x] = min(max(m[1, 0] * x + by, -2.0), h + 1.0)
+            ix[x] = np.int64(np.floor(sx[x]))
+            iy[x] = np.int64(np.floor(sy[x]))
+        x = 0
+        while x < w:
+            jx, jy = ix[x], iy[x]
+            if 1 <= jx and jx + 2 <= w - 1 and 1 <= jy and jy + 2 <= h - 1:
+                # a run: the same four source rows, one source column per output column, the
+                # last one's taps inside the row
+                end = min(w, w - 2 - jx + x)
+                end = _run_end(iy, x, end, jy, m[1, 0], by - jy, 0)
+                end = _run_end(ix, x, end, jx - x, m[0, 0] - 1.0, bx - (jx - x), 1)
+                # fractions relative to the run's own floors: small numbers, so float32 keeps them exact
+                fx0 = np.float32(bx - (jx - x))
+                fy0 = np.float32(by - jy)
+                q0 = np.uint64(jy - 1)
+                q1, q2, q3 = q0 + np.uint64(1), q0 + np.uint64(2), q0 + np.uint64(3)
+                yy = np.uint64(y)
+                first = np.uint64(x * ch)
+                tap = np.uint64((jx - 1) * ch)  # the run's first pixel's first tap
+                for u in range(np.uint64((end - x) * ch)):
+                    t = first + u
+                    f = dx * column[t] + fx0
+                    g = one - f
+                    afg = a * f * g
+                    c0, c3 = afg * g, afg * f
+                    c1 = f * f * (a2 * f - a3) + one
+                    c2 = one - c0 - c1 - c3
+                    f = dy * column[t] + fy0
+                    g = one - f
+                    afg = a * f * g
+                    e0, e3 = afg * g, afg * f
+                    e1 = f * f * (a2 * f - a3) + one
+                    e2 = one - e0 - e1 - e3
+                    s = tap + u
+                    r0 = c0 * flat[q0, s] + c1 * flat[q0, s + step1] + c2 * flat[q0, s + step2] + c3 * flat[q0, s + step3]
+                    r1 = c0 * flat[q1, s] + c1 * flat[q1, s + step1] + c2 * flat[q1, s + step2] + c3 * flat[q1, s + step3]
+                    r2 = c0 * flat[q2, s] + c1 * flat[q2, s + step1] + c2 * flat[q2, s + step2] + c3 * flat[q2, s + step3]
+                    r3 = c0 * flat[q3, s] + c1 * flat[q3, s + step1] + c2 * flat[q3, s + step2] + c3 * flat[q3, s + step3]
+                    res[yy, t] = e0 * r0 + e1 * r1 + e2 * r2 + e3 * r3
+                x = max(end, x + 1)
+            else:  # some taps outside the image: the border repeated, tap by tap
+                cx = _cubic_weights(np.float32(sx[x] - jx))
+                cy = _cubic_weights(np.float32(sy[x] - jy))
+                for k in range(ch):
+                    total = np.float32(0)
+                    for j in range(4):
+                        source = flat[min(max(jy - 1 + j, 0), h - 1)]
+                        across = np.float32(0)
+                        for i in range(4):
+                            across += cx[i] * source[min(max(jx - 1 + i, 0), w - 1) * ch + k]
+                        total += cy[j] * across
+                    res[y, x * ch + k] = total
+                x += 1
+        if blend:
+            _blend_row(res[y], kept[y], weight[hl[y]], weight[hr[y]], hf[y], whole[y])
+    return out
+
+
+@_compile
+def _run_end(floors, x, limit, value, slope, offset, per_column):
+    """The first column c after x (at most ``limit``) where floors[c] - per_column * c is no
+    longer ``value``: floors[c] - per_column * c is the floor of value + offset + slope * c,
+    so where that line next leaves [value, value + 1) is a guess, which the floors themselves
+    then correct (a few steps at most: rounding)."""
+    if slope > 0:
+        guess = np.int64(np.ceil(min((1.0 - offset) / slope, 1e15)))
+    elif slope < 0:
+        guess = np.int64(np.floor(min(-offset / slope, 1e15))) + 1
+    else:
+        guess = limit
+    end = min(max(guess, x + 1), limit)
+    while end > x + 1 and floors[end - 1] - per_column * (end - 1) != value:
+        end -= 1
+    while end < limit and floors[end] - per_column * end == value:
+        end += 1
+    return end
+
+
+@_compile
+def _linear_taps(size, source_size):
+    """cv2.resize's INTER_LINEAR taps along one axis, source_size -> size: per output index the
+    left and right source index and the right one's share (clamped at the edges)."""
+    left = np.empty(size, np.int64)
+    right = np.empty(size, np.int64)
+    share = np.empty(size, np.float32)
+    scale = source_size / size
+    for i in range(size):
+        f = np.float32((i + 0.5) * scale - 0.5)
+        j = np.int64(np.floor(f))
+        f -= np.float32(j)
+        if j < 0:
+            f, j = np.float32(0), 0
+        if j >= source_size - 1:
+            f, j = np.float32(0), source_size - 1
+        left[i], right[i], share[i] = j, min(j + 1, source_size - 1), f
+    return left, right, share
+
+
+@_compile
+def _blend_row(state, restored, upper, lower, share, rounded):
+    """One row of the blend, while the warped row is in cache: state = restored + weight *
+    (warped - restored), the weight between two rows of the map (``share`` of the lower one);
+    rounded = state rounded to nearest (ties to even) and saturated to 0..255, as OpenCV's
+    conversions round."""
+    above = np.float32(1) - share
+    zero, top = np.float32(0), np.float32(255)
+    for t in range(np.uint64(state.shape[0])):
+        weight = upper[t] * above + lower[t] * share
+        r = np.float32(restored[t])
+        v = r + weight * (state[t] - r)
+        state[t] = v
+        rounded[t] = np.uint8(min(np.rint(max(v, zero)), top))
+
+
+@_compile
+def _normal_equations(warped, sources, centres, target, normal):
+    n = warped.shape[0]
+    side = centres.shape[0]
+    top = np.uint64(side - 1)
+    one, zero = np.float32(1), np.float32(0)
+    for k in range(n):
+        image = warped[k, 0]
+        xs, ys, target_k = sources[k, 0], sources[k, 1], target[k, 0]
+        total = np.zeros((8, 9), np.float64)
+        for row in range(np.uint64(side)):
+            v = centres[row]
+            above = row - np.uint64(1) if row > 0 else row
+            below = row + np.uint64(1) if row < top else row
+            s00 = np.float32(0)
+            s01 = np.float32(0)
+            s02 = np.float32(0)
+            s03 = np.float32(0)
+            s04 = np.float32(0)
+            s05 = np.float32(0)
+            s06 = np.float32(0)
+            s07 = np.float32(0)
+            s08 = np.float32(0)
+            s11 = np.float32(0)
+            s12 = np.float32(0)
+            s13 = np.float32(0)
+            s14 = np.float32(0)
+            s15 = np.float32(0)
+            s16 = np.float32(0)
+            s17 = np.float32(0)
+            s18 = np.float32(0)
+            s22 = np.float32(0)
+            s23 = np.float32(0)
+            s24 = np.float32(0)
+            s25 = np.float32(0)
+            s26 = np.float32(0)
+            s27 = np.float32(0)
+            s28 = np.float32(0)
+            s33 = np.float32(0)
+            s34 = np.float32(0)
+            s35 = np.float32(0)
+            s36 = np.float32(0)
+            s37 = np.float32(0)
+            s38 = np.float32(0)
+            s44 = np.float32(0)
+            s45 = np.float32(0)
+            s46 = np.float32(0)
+            s47 = np.float32(0)
+            s48 = np.float32(0)
+            s55 = np.float32(0)
+            s56 = np.float32(0)
+            s57 = np.float32(0)
+            s58 = np.float32(0)
+            s66 = np.float32(0)
+            s67 = np.float32(0)
+            s68 = np.float32(0)
+            s77 = np.float32(0)
+            s78 = np.float32(0)
+            for col in range(np.uint64(side)):
+                left = col - np.uint64(1) if col > 0 else col
+                right = col + np.uint64(1) if col < top else col
+                u = centres[col]
+                inside = one if max(abs(xs[row, col]), abs(ys[row, col])) <= one else zero
+                gx = (image[row, right] - image[row, left]) * inside
+                gy = (image[below, col] - image[above, col]) * inside
+                gxu, gxv, gyu, gyv = gx * u, gx * v, gy * u, gy * v
+                wi = image[row, col] * inside
+                cur = target_k[row, col]
+                s00 += gxu * gxu
+                s01 += gxu * gxv
+                s02 += gxu * gx
+                s03 += gxu * gyu
+                s04 += gxu * gyv
+                s05 += gxu * gy
+                s06 += gxu * wi
+                s07 += gxu * inside
+                s08 += gxu * cur
+                s11 += gxv * gxv
+                s12 += gxv * gx
+                s13 += gxv * gyu
+                s14 += gxv * gyv
+                s15 += gxv * gy
+                s16 += gxv * wi
+                s17 += gxv * inside
+                s18 += gxv * cur
+                s22 += gx * gx
+                s23 += gx * gyu
+                s24 += gx * gyv
+                s25 += gx * gy
+                s26 += gx * wi
+                s27 += gx * inside
+                s28 += gx * cur
+                s33 += gyu * gyu
+                s34 += gyu * gyv
+                s35 += gyu * gy
+                s36 += gyu * wi
+                s37 += gyu * inside
+                s38 += gyu * cur
+                s44 += gyv * gyv
+                s45 += gyv * gy
+                s46 += gyv * wi
+                s47 += gyv * inside
+                s48 += gyv * cur
+                s55 += gy * gy
+                s56 += gy * wi
+                s57 += gy * inside
+                s58 += gy * cur
+                s66 += wi * wi
+                s67 += wi * inside
+                s68 += wi * cur
+                s77 += inside * inside
+                s78 += inside * cur
+            total[0, 0] += s00
+            total[0, 1] += s01
+            total[0, 2] += s02
+            total[0, 3] += s03
+            total[0, 4] += s04
+            total[0, 5] += s05
+            total[0, 6] += s06
+            total[0, 7] += s07
+            total[0, 8] += s08
+            total[1, 1] += s11
+            total[1, 2] += s12
+            total[1, 3] += s13
+            total[1, 4] += s14
+            total[1, 5] += s15
+            total[1, 6] += s16
+            total[1, 7] += s17
+            total[1, 8] += s18
+            total[2, 2] += s22
+            total[2, 3] += s23
+            total[2, 4] += s24
+            total[2, 5] += s25
+            total[2, 6] += s26
+            total[2, 7] += s27
+            total[2, 8] += s28
+            total[3, 3] += s33
+            total[3, 4] += s34
+            total[3, 5] += s35
+            total[3, 6] += s36
+            total[3, 7] += s37
+            total[3, 8] += s38
+            total[4, 4] += s44
+            total[4, 5] += s45
+            total[4, 6] += s46
+            total[4, 7] += s47
+            total[4, 8] += s48
+            total[5, 5] += s55
+            total[5, 6] += s56
+            total[5, 7] += s57
+            total[5, 8] += s58
+            total[6, 6] += s66
+            total[6, 7] += s67
+            total[6, 8] += s68
+            total[7, 7] += s77
+            total[7, 8] += s78
+        for i in range(8):
+            for j in range(i, 8):
+                normal[k, j, i] = normal[k, i, j] = total[i, j]
+            normal[k, i, 8] = total[i, 8]
+
+
+def normal_equations(warped: np.ndarray, sources: np.ndarray, centres: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The Gauss-Newton step's normal equations (workers.temporal's _gauss_newton) in one pass
+    over the pixels instead of ~13 torch ops and a matrix product: for warped thumbnails W
+    (N x 1 x S x S) sampled at ``sources`` (N x 2 x S x S, normalised), pixel centres (u, v)
+    (``centres``) and the target thumbnails (N x 1 x S x S), with inside = both |sources| <= 1
+    and gx, gy = W's central differences (the border repeated) times inside, the columns
+    c = (gx u, gx v, gx, gy u, gy v, gy, W inside, inside) give N x 8 x 9 float32: sum c c^T,
+    and sum c target last. Each row's sums in float32, the rows' in float64."""
+    normal = np.empty((warped.shape[0], 8, 9), np.float32)
+    _normal_equations(warped, sources, centres, target, normal)
+    return normal
+
+
+@_compile
+def _gray(thumbs, weights, out):
+    for k in range(thumbs.shape[0]):
+        r, g, b, o = thumbs[k, 0], thumbs[k, 1], thumbs[k, 2], out[k, 0]
+        for i in range(np.uint64(thumbs.shape[2])):
+            for j in range(np.uint64(thumbs.shape[3])):
+                o[i, j] = r[i, j] * weights[0] + g[i, j] * weights[1] + b[i, j] * weights[2]
+
+
+def gray(thumbs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """N x 3 x S x S -> N x 1 x S x S: the channels' weighted sum (float32)."""
+    out = np.empty((thumbs.shape[0], 1) + thumbs.shape[2:], np.float32)
+    _gray(thumbs, weights.astype(np.float32), out)
+    return out
+
+
+@_compile
+def _mean_abs_difference(a, b, out):
+    for k in range(a.shape[0]):
+        x, y = a[k].ravel(), b[k].ravel()
+        total = 0.0
+        for i in range(np.uint64(x.shape[0])):
+            total += abs(x[i] - y[i])
+        out[k] = total / x.shape[0]
+
+
+def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per item of the first axis, mean |a - b| (float32, summed in float64)."""
+    out = np.empty(a.shape[0], np.float32)
+    _mean_abs_difference(np.ascontiguousarray(a), np.ascontiguousarray(b), out)
+    return out
+
+
+@_compile
+def _change_weight(warped, cur, outside, blend_max, blend_sigma, reach, out):
+    n, channels, h, w = cur.shape
+    change = np.empty((h, w), np.float32)
+    across = np.empty((h, w), np.float32)
+    for k in range(n):
+        for i in range(h):
+            for j in range(w):
+                uncovered = outside * (np.float32(1) - warped[k, channels, i, j])
+                total = np.float32(0)
+                for c in range(channels):
+                    total += abs(cur[k, c, i, j] - (warped[k, c, i, j] + uncovered))
+                change[i, j] = total / np.float32(channels) / np.float32(255)
+        for i in range(h):  # the maximum over a (2 reach + 1)^2 window, along rows then columns
+            for j in range(w):
+                m = change[i, j]
+                for d in range(max(j - reach, 0), min(j + reach + 1, w)):
+                    m = max(m, change[i, d])
+                across[i, j] = m
+        for i in range(h):
+            for j in range(w):
+                m = across[i, j]
+                for d in range(max(i - reach, 0), min(i + reach + 1, h)):
+                    m = max(m, across[d, j])
+                scaled = m / blend_sigma
+                out[k, 0, i, j] = blend_max * np.exp(-(scaled * scaled))
+
+
+def change_weight(warped: np.ndarray, cur: np.ndarray, outside: float, blend_max: float, blend_sigma: float,
+                  dilate: int) -> np.ndarray:
+    """The change map's last steps (workers.temporal.change_weight) in one pass: from the
+    previous thumbnails warped with a coverage channel last (N x C+1 x L x L) and the current
+    ones (N x C x L x L), change = mean |cur - (warped + outside * (1 - coverage))| / 255,
+    dilated over a ``dilate`` x ``dilate`` window, weight = blend_max exp(-(change / sigma)^2)."""
+    out = np.empty((cur.shape[0], 1) + cur.shape[2:], np.float32)
+    _change_weight(warped, cur, np.float32(outside), np.float32(blend_max), np.float32(blend_sigma), dilate // 2, out)
+    return out
+
+
+_LARGEST = 1e100  # a warp coefficient beyond this is nonsense, and its products could overflow
+
+
+def _check_warp(src: np.ndarray, m, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if src.dtype != np.float32 or src.ndim != 3 or not src.flags.c_contiguous:
+        raise ValueError(f"src must be a C-contiguous H x W x C float32 array, not {src.shape} {src.dtype}")
+    if out is None:
+        out = np.empty_like(src)
+    if out.shape != src.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {src.shape} float32 array, not {out.shape} {out.dtype}")
+    if np.shares_memory(src, out):
+        raise ValueError("out must not overlap src")
+    m = np.ascontiguousarray(np.asarray(m, dtype=np.float64)[:2])
+    if not (np.abs(m) < _LARGEST).all():  # NaN fails too
+        raise ValueError(f"the warp must be finite: {m.tolist()}")
+    return m, out
+
+
+_NO_WEIGHT = np.zeros((1, 1), np.float32)
+_NO_PIXELS = np.zeros((1, 1, 1), np.uint8)
+
+
+def warp_cubic(src: np.ndarray, m, out: np.ndarray | None = None) -> np.ndarray:
+    """out(x, y) = src(m @ (x, y, 1)), bicubic, the border repeated: ``src`` and ``out`` are
+    H x W x C float32, C-contiguous, ``m`` the 2x3 map from output to source pixels (pixel
+    centres at integers, as OpenCV's WARP_INVERSE_MAP takes it)."""
+    m, out = _check_warp(src, m, out)
+    return _warp_cubic(src, m, out, False, _NO_WEIGHT, _NO_PIXELS, _NO_PIXELS)
+
+
+def warp_blend(previous: np.ndarray, m, weight: np.ndarray, restored: np.ndarray, rounded: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """The temporal blend of one crop in one pass: out = restored + w * (warp_cubic(previous, m)
+    - restored), w the L x L ``weight`` map upsampled bilinearly (as cv2.resize does) to the
+    crop, ``restored`` uint8 or whole numbers in a float type. ``rounded`` (uint8, the crop's
+    shape) gets out rounded to nearest, ties to even, and saturated, as OpenCV rounds. A row at
+    a time, so the warped values are blended while they are in cache: before, each of six steps
+    read and wrote the whole 3 MB crop at 512 px."""
+    m, out = _check_warp(previous, m, out)
+    if restored.shape != previous.shape:
+        raise ValueError(f"restored must be a {previous.shape} array, not {restored.shape}")
+    if restored.dtype not in (np.uint8, np.float32):  # whole numbers in another float type (float16)
+        restored = restored.astype(np.float32)
+    restored = np.ascontiguousarray(restored)
+    if rounded.shape != previous.shape or rounded.dtype != np.uint8 or not rounded.flags.c_contiguous:
+        raise ValueError(f"rounded must be a C-contiguous {previous.shape} uint8 array, not {rounded.shape} {rounded.dtype}")
+    if weight.ndim != 2 or weight.dtype != np.float32:
+        raise ValueError(f"weight must be a 2-D float32 array, not {weight.shape} {weight.dtype}")
+    # cv2.resize(INTER_LINEAR) upsamples along rows, then down columns. The first pass, its SIMD
+    # code, here, the same value repeated for each channel; the second in the kernel, row by row
+    h, w, ch = previous.shape
+    along_rows = cv2.resize(weight, (w, weight.shape[0]), interpolation=cv2.INTER_LINEAR)
+    wide = np.repeat(along_rows, ch, axis=1)
+    return _warp_cubic(previous, m, out, True, wide, restored, rounded)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel for the types the blender uses, so
+    that a CPU worker's first batch does not wait for it: ~4 s compiling, ~0.3 s from the cache
+    (beside this file, or in NUMBA_CACHE_DIR where that is not writable: the Docker images set it)."""
+    previous = np.zeros((4, 4, 3), np.float32)
+    weight = np.ones((2, 2), np.float32)
+    for restored in (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.float32)):
+        warp_blend(previous, np.eye(3)[:2], weight, restored, np.empty((4, 4, 3), np.uint8))
+    warp_cubic(previous, np.eye(3)[:2])
+    thumbs = np.zeros((1, 3, 4, 4), np.float32)
+    planes = gray(thumbs, np.ones(3))
+    mean_abs_difference(planes, planes)
+    normal_equations(planes, np.zeros((1, 2, 4, 4), np.float32), np.zeros(4, np.float32), planes)
+    change_weight(np.zeros((1, 4, 4, 4), np.float32), thumbs, -1e4, 0.5, 0.1, 3)
