@@ -209,7 +209,8 @@ def test_the_normal_equations_are_the_torch_ones(side):
     assert np.array_equal(got[:, :, :8], got[:, :, :8].transpose(0, 2, 1))  # symmetric, as it must be
 
 
-def test_the_change_map_is_the_torch_one():
+@pytest.mark.parametrize("dilate", [1, 3, 5])
+def test_the_change_map_is_the_torch_one(dilate, monkeypatch):
     """Coverage, the per-pixel change, its dilation and the weight: numba against torch."""
     import torch
 
@@ -218,10 +219,13 @@ def test_the_change_map_is_the_torch_one():
     rng = np.random.default_rng(11)
     cur = torch.from_numpy(rng.uniform(0, 255, (3, 3, 24, 24)).astype(np.float32))
     warped = torch.from_numpy(rng.uniform(0, 255, (3, 4, 24, 24)).astype(np.float32))
-    warped[:, 3] = torch.from_numpy(rng.choice([0.0, 0.3, 1.0], (3, 24, 24)).astype(np.float32))  # coverage
+    coverage = rng.choice([0.0, 0.3, 1.0], (3, 24, 24), p=[0.01, 0.02, 0.97])  # mostly inside the old crop
+    warped[:, 3] = torch.from_numpy(coverage.astype(np.float32))
     warped[:, :3] = cur + torch.from_numpy(rng.normal(0, 8, (3, 3, 24, 24)).astype(np.float32))  # small changes
+    monkeypatch.setattr(temporal, "CHANGE_DILATE", dilate)
     expected = temporal._change_weight_torch(warped, cur, 0.85, 0.05).numpy()
-    got = cpu_kernels.change_weight(warped.numpy(), cur.numpy(), temporal.OUTSIDE, 0.85, 0.05, temporal.CHANGE_DILATE)
+    exponent = cpu_kernels.change_exponent(warped.numpy(), cur.numpy(), temporal.OUTSIDE, 0.05, dilate)
+    got = 0.85 * np.exp(exponent)
     assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
     assert 0.01 < got.max() and got.min() == 0  # both blending and uncovered pixels are in the case
 

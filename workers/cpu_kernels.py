@@ -15,8 +15,9 @@ Full size, per crop:
   pass, a row at a time while the row is in cache.
 
 Thumbnails (registration and the change map), per batch: ``normal_equations`` (a Gauss-Newton
-step's sums), ``gray``, ``mean_abs_difference`` and ``change_weight``, each one pass instead of
-several torch ops over the whole batch; torch's vectorized grid_sample still does the sampling.
+step's sums), ``sources`` (sampling positions), ``gray``, ``mean_abs_difference`` and
+``change_exponent``, each one pass instead of several torch ops over the whole batch; torch's
+vectorized grid_sample still does the sampling, and the change map's exponential.
 
 Indices in vectorized loops are unsigned on purpose: numba wraps negative indices around, and
 the check for that kept LLVM from vectorizing (it ran ~4x slower). Fast-math is limited to
@@ -414,41 +415,69 @@ def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @_compile
-def _change_weight(warped, cur, outside, blend_max, blend_sigma, reach, out):
+def _change_exponent(warped, cur, outside, blend_sigma, reach, out):
     n, channels, h, w = cur.shape
     change = np.empty((h, w), np.float32)
     across = np.empty((h, w), np.float32)
+    one, scale = np.float32(1), np.float32(1 / (channels * 255))
     for k in range(n):
         for i in range(h):
-            for j in range(w):
-                uncovered = outside * (np.float32(1) - warped[k, channels, i, j])
+            for j in range(np.uint64(w)):
+                uncovered = outside * (one - warped[k, channels, i, j])
                 total = np.float32(0)
                 for c in range(channels):
                     total += abs(cur[k, c, i, j] - (warped[k, c, i, j] + uncovered))
-                change[i, j] = total / np.float32(channels) / np.float32(255)
-        for i in range(h):  # the maximum over a (2 reach + 1)^2 window, along rows then columns
-            for j in range(w):
-                m = change[i, j]
-                for d in range(max(j - reach, 0), min(j + reach + 1, w)):
-                    m = max(m, change[i, d])
-                across[i, j] = m
+                change[i, j] = total * scale
+        # the maximum over a (2 reach + 1)^2 window, along rows then columns: one shifted
+        # contiguous range per offset (the window stops at the edges)
+        across[:] = change
+        for d in range(1, reach + 1):
+            for i in range(h):
+                for j in range(np.uint64(w - d)):
+                    across[i, j] = max(across[i, j], change[i, j + d])
+                    across[i, j + d] = max(across[i, j + d], change[i, j])
+        dilated = out[k, 0]
+        dilated[:] = across
+        for d in range(1, reach + 1):
+            for i in range(h - d):
+                for j in range(np.uint64(w)):
+                    dilated[i, j] = max(dilated[i, j], across[i + d, j])
+                    dilated[i + d, j] = max(dilated[i + d, j], across[i, j])
         for i in range(h):
-            for j in range(w):
-                m = across[i, j]
-                for d in range(max(i - reach, 0), min(i + reach + 1, h)):
-                    m = max(m, across[d, j])
-                scaled = m / blend_sigma
-                out[k, 0, i, j] = blend_max * np.exp(-(scaled * scaled))
+            for j in range(np.uint64(w)):
+                scaled = dilated[i, j] / blend_sigma
+                dilated[i, j] = -(scaled * scaled)
 
 
-def change_weight(warped: np.ndarray, cur: np.ndarray, outside: float, blend_max: float, blend_sigma: float,
-                  dilate: int) -> np.ndarray:
-    """The change map's last steps (workers.temporal.change_weight) in one pass: from the
-    previous thumbnails warped with a coverage channel last (N x C+1 x L x L) and the current
-    ones (N x C x L x L), change = mean |cur - (warped + outside * (1 - coverage))| / 255,
-    dilated over a ``dilate`` x ``dilate`` window, weight = blend_max exp(-(change / sigma)^2)."""
+def change_exponent(warped: np.ndarray, cur: np.ndarray, outside: float, blend_sigma: float, dilate: int
+                    ) -> np.ndarray:
+    """Most of the change map (workers.temporal.change_weight) in one pass: from the previous
+    thumbnails warped with a coverage channel last (N x C+1 x L x L) and the current ones
+    (N x C x L x L), change = mean |cur - (warped + outside * (1 - coverage))| / 255, dilated
+    over a ``dilate`` x ``dilate`` window: returns -(change / sigma)^2 (N x 1 x L x L), whose
+    exponential torch takes (vectorized; numba's is not, here)."""
     out = np.empty((cur.shape[0], 1) + cur.shape[2:], np.float32)
-    _change_weight(warped, cur, np.float32(outside), np.float32(blend_max), np.float32(blend_sigma), dilate // 2, out)
+    _change_exponent(warped, cur, np.float32(outside), np.float32(blend_sigma), dilate // 2, out)
+    return out
+
+
+@_compile
+def _sources(theta, centres, out):
+    side = centres.shape[0]
+    for k in range(theta.shape[0]):
+        for axis in range(2):
+            a, b, c = theta[k, axis, 0], theta[k, axis, 1], theta[k, axis, 2]
+            for i in range(side):
+                row = b * centres[i] + c
+                for j in range(np.uint64(side)):
+                    out[k, axis, i, j] = a * centres[j] + row
+
+
+def sources(theta: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """N x 2 x S x S: where each pixel's normalised (x, y) comes from under the warps theta
+    (N x 3 x 3), the pixel centres at ``centres`` along each axis."""
+    out = np.empty((theta.shape[0], 2, centres.shape[0], centres.shape[0]), np.float32)
+    _sources(np.ascontiguousarray(theta, dtype=np.float32), centres, out)
     return out
 
 
@@ -521,4 +550,5 @@ def warm_up() -> None:
     planes = gray(thumbs, np.ones(3))
     mean_abs_difference(planes, planes)
     normal_equations(planes, np.zeros((1, 2, 4, 4), np.float32), np.zeros(4, np.float32), planes)
-    change_weight(np.zeros((1, 4, 4, 4), np.float32), thumbs, -1e4, 0.5, 0.1, 3)
+    change_exponent(np.zeros((1, 4, 4, 4), np.float32), thumbs, -1e4, 0.1, 3)
+    sources(np.zeros((1, 3, 3), np.float32), np.zeros(4, np.float32))

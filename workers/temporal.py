@@ -95,10 +95,20 @@ def _normalise(size: int) -> np.ndarray:
     return np.array([[2 / size, 0, 1 / size - 1], [0, 2 / size, 1 / size - 1], [0, 0, 1]])
 
 
+@functools.cache
+def _normalising(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """_normalise(size) and its inverse, computed once per size (read-only)."""
+    n = _normalise(size)
+    pair = (n, np.linalg.inv(n))
+    for matrix in pair:
+        matrix.flags.writeable = False
+    return pair
+
+
 def _to_pixels(theta: np.ndarray, size: int) -> np.ndarray:
     """A normalised warp as the 2x3 pixel matrix OpenCV takes."""
-    n = _normalise(size)
-    return (np.linalg.inv(n) @ theta @ n)[:2]
+    n, to_pixels = _normalising(size)
+    return (to_pixels @ theta @ n)[:2]
 
 
 # ------------------------------------------------------------------------------ thumbnails
@@ -166,12 +176,12 @@ def _centres(side: int, device: torch.device) -> torch.Tensor:
 
 def _sources(theta: torch.Tensor, side: int) -> torch.Tensor:
     """N x 2 x side x side: where each pixel's x and y come from under warps theta (N x 3 x 3).
-    On a CPU as one matrix product with the pixels' (x, y, 1): the broadcast sum of a row and a
-    column takes ~10x as long there. On a GPU as that sum: a matrix product there may run in
-    TF32 (torch.set_float32_matmul_precision), whose 10-bit mantissa would misplace samples by
-    up to a pixel at 2048 px."""
+    On a CPU one numba pass: torch's broadcast sum of a row and a column takes ~10x as long
+    there, and a matrix product with the pixels' (x, y, 1) ~3x. On a GPU that sum: a matrix
+    product there may run in TF32 (torch.set_float32_matmul_precision), whose 10-bit mantissa
+    would misplace samples by up to a pixel at 2048 px."""
     if theta.device.type == "cpu":
-        return (theta[:, :2] @ _pixels(side)).view(-1, 2, side, side)
+        return torch.from_numpy(cpu_kernels.sources(theta.numpy(), _centres(side, theta.device).numpy()))
     return _sources_summed(theta, side)
 
 
@@ -180,13 +190,6 @@ def _sources_summed(theta: torch.Tensor, side: int) -> torch.Tensor:
     x, y = c.view(1, 1, 1, side), c.view(1, 1, side, 1)
     t = theta[:, :2, :, None, None]
     return x * t[:, :, 0] + y * t[:, :, 1] + t[:, :, 2]
-
-
-@functools.cache
-def _pixels(side: int) -> torch.Tensor:
-    """3 x side^2 on the CPU: the normalised (x, y, 1) of every pixel centre, row by row."""
-    c = _centres(side, torch.device("cpu"))
-    return torch.stack([c.repeat(side), c.repeat_interleave(side), torch.ones(side * side)])
 
 
 def _grid(theta: torch.Tensor, side: int) -> torch.Tensor:
@@ -312,9 +315,10 @@ def change_weight(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, bl
     """N x 1 x L x L weight of the previous output, from the thumbnails aligned by theta."""
     covered = torch.ones_like(prev[:, :1])
     warped = _sample(torch.cat([prev, covered], dim=1), theta, "zeros")
-    if warped.device.type == "cpu":  # the rest in one numba pass instead of ~15 torch ops
-        return torch.from_numpy(cpu_kernels.change_weight(warped.numpy(), cur.contiguous().numpy(), OUTSIDE, blend_max,
-                                                          blend_sigma, CHANGE_DILATE))
+    if warped.device.type == "cpu":  # up to the exponential in one numba pass instead of ~12 torch ops
+        exponent = cpu_kernels.change_exponent(warped.numpy(), cur.contiguous().numpy(), OUTSIDE, blend_sigma,
+                                               CHANGE_DILATE)
+        return torch.from_numpy(exponent).exp_().mul_(blend_max)
     return _change_weight_torch(warped, cur, blend_max, blend_sigma)
 
 
@@ -476,12 +480,12 @@ class TemporalBlender:
         # register every crop that has a predecessor with it, all at once: that needs inputs only
         linked = [i for i in range(n) if prev_of[i] is not None]
         if linked:
-            to_norm = _normalise(size)
+            to_norm, from_norm = _normalising(size)
             starts, prev_low = [], []
             for i in linked:
                 prev = prev_of[i]
                 prev_affine = affine[prev] if isinstance(prev, int) else prev.affine
-                relative = to_norm @ prev_affine @ np.linalg.inv(affine[i]) @ np.linalg.inv(to_norm)
+                relative = to_norm @ prev_affine @ np.linalg.inv(affine[i]) @ from_norm
                 starts.append([np.eye(3), relative])
                 prev_low.append(lowpass[prev] if isinstance(prev, int) else prev.lowpass)
             prev_low, cur_low = torch.stack(prev_low), lowpass[linked]
