@@ -4,7 +4,8 @@ CPU tensors; a GPU runs the same maths as batched torch ops).
 Full size, per crop:
 - ``warp_cubic``: ``cv2.warpAffine(src, m, flags=INTER_CUBIC | WARP_INVERSE_MAP,
   borderMode=BORDER_REPLICATE)`` for float32 images: the same Keys cubic (a = -0.75) at each
-  pixel's exact source position, the border repeated. OpenCV runs it as scalar code, 16 taps
+  pixel's exact source position (as OpenCV 5 places them; OpenCV 4 rounds positions to 1/32
+  pixel, up to ~1 gray level apart on sharp edges), the border repeated. OpenCV runs it as scalar code, 16 taps
   per channel per pixel; at 512 px it was over half of the blend's CPU time. Here a row is cut
   into runs: for a warp near the identity (consecutive crops of one face) long runs of output
   pixels read the same four source rows, one source column per output column, so a run is a
@@ -203,7 +204,8 @@ def _blend_row(state, restored, upper, lower, share, rounded):
         r = np.float32(restored[t])
         v = r + weight * (state[t] - r)
         state[t] = v
-        rounded[t] = np.uint8(min(np.rint(max(v, zero)), top))
+        positive = v if v > zero else zero  # NaN too: converting it would be undefined
+        rounded[t] = np.uint8(min(np.rint(positive), top))
 
 
 @_compile
@@ -376,7 +378,12 @@ def normal_equations(warped: np.ndarray, sources: np.ndarray, centres: np.ndarra
     and gx, gy = W's central differences (the border repeated) times inside, the columns
     c = (gx u, gx v, gx, gy u, gy v, gy, W inside, inside) give N x 8 x 9 float32: sum c c^T,
     and sum c target last. Each row's sums in float32, the rows' in float64."""
-    normal = np.empty((warped.shape[0], 8, 9), np.float32)
+    n, _, side, _ = target.shape
+    if warped.shape != (n, 1, side, side) or target.shape != (n, 1, side, side) or sources.shape != (n, 2, side, side) \
+            or centres.shape != (side,):
+        raise ValueError(f"normal_equations: shapes {warped.shape}, {sources.shape}, {centres.shape}, {target.shape} "
+                         "do not fit N x 1 x S x S, N x 2 x S x S, S, N x 1 x S x S")
+    normal = np.empty((n, 8, 9), np.float32)
     _normal_equations(warped, sources, centres, target, normal)
     return normal
 
@@ -392,6 +399,8 @@ def _gray(thumbs, weights, out):
 
 def gray(thumbs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """N x 3 x S x S -> N x 1 x S x S: the channels' weighted sum (float32)."""
+    if thumbs.ndim != 4 or thumbs.shape[1] != 3 or len(weights) != 3:
+        raise ValueError(f"gray takes N x 3 x S x S thumbnails and 3 weights, not {thumbs.shape}, {len(weights)}")
     out = np.empty((thumbs.shape[0], 1) + thumbs.shape[2:], np.float32)
     _gray(thumbs, weights.astype(np.float32), out)
     return out
@@ -409,6 +418,8 @@ def _mean_abs_difference(a, b, out):
 
 def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per item of the first axis, mean |a - b| (float32, summed in float64)."""
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have one shape, not {a.shape} and {b.shape}")
     out = np.empty(a.shape[0], np.float32)
     _mean_abs_difference(np.ascontiguousarray(a), np.ascontiguousarray(b), out)
     return out
@@ -433,7 +444,7 @@ def _change_exponent(warped, cur, outside, blend_sigma, reach, out):
         across[:] = change
         for d in range(1, reach + 1):
             for i in range(h):
-                for j in range(np.uint64(w - d)):
+                for j in range(np.uint64(max(w - d, 0))):
                     across[i, j] = max(across[i, j], change[i, j + d])
                     across[i, j + d] = max(across[i, j + d], change[i, j])
         dilated = out[k, 0]
@@ -456,7 +467,10 @@ def change_exponent(warped: np.ndarray, cur: np.ndarray, outside: float, blend_s
     (N x C x L x L), change = mean |cur - (warped + outside * (1 - coverage))| / 255, dilated
     over a ``dilate`` x ``dilate`` window: returns -(change / sigma)^2 (N x 1 x L x L), whose
     exponential torch takes (vectorized; numba's is not, here)."""
-    out = np.empty((cur.shape[0], 1) + cur.shape[2:], np.float32)
+    n, channels, h, w = cur.shape
+    if warped.shape != (n, channels + 1, h, w):
+        raise ValueError(f"warped must be {(n, channels + 1, h, w)} (the coverage last), not {warped.shape}")
+    out = np.empty((n, 1, h, w), np.float32)
     _change_exponent(warped, cur, np.float32(outside), np.float32(blend_sigma), dilate // 2, out)
     return out
 
@@ -476,6 +490,8 @@ def _sources(theta, centres, out):
 def sources(theta: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """N x 2 x S x S: where each pixel's normalised (x, y) comes from under the warps theta
     (N x 3 x 3), the pixel centres at ``centres`` along each axis."""
+    if theta.ndim != 3 or theta.shape[1:] != (3, 3) or centres.ndim != 1:
+        raise ValueError(f"sources takes N x 3 x 3 warps and 1-D centres, not {theta.shape}, {centres.shape}")
     out = np.empty((theta.shape[0], 2, centres.shape[0], centres.shape[0]), np.float32)
     _sources(np.ascontiguousarray(theta, dtype=np.float32), centres, out)
     return out
@@ -494,6 +510,8 @@ def _check_warp(src: np.ndarray, m, out: np.ndarray | None) -> tuple[np.ndarray,
     if np.shares_memory(src, out):
         raise ValueError("out must not overlap src")
     m = np.ascontiguousarray(np.asarray(m, dtype=np.float64)[:2])
+    if m.shape != (2, 3):
+        raise ValueError(f"the warp must be 2x3 (or 3x3), not {m.shape}")
     if not (np.abs(m) < _LARGEST).all():  # NaN fails too
         raise ValueError(f"the warp must be finite: {m.tolist()}")
     return m, out

@@ -162,8 +162,14 @@ def _thumbnails_torch(crops: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- registration
 
 
-def _gray(thumbs: torch.Tensor) -> torch.Tensor:
-    if thumbs.device.type == "cpu":  # one numba pass instead of two torch ones
+def _kernels(tensor: torch.Tensor, kernels: bool) -> bool:
+    """Whether to run workers.cpu_kernels on this tensor: asked for, and a CPU tensor (False
+    runs on a CPU exactly what a GPU runs, for comparing the two)."""
+    return kernels and tensor.device.type == "cpu"
+
+
+def _gray(thumbs: torch.Tensor, kernels: bool) -> torch.Tensor:
+    if _kernels(thumbs, kernels):  # one numba pass instead of two torch ones
         return torch.from_numpy(cpu_kernels.gray(thumbs.contiguous().numpy(), np.array(GRAY)))
     weights = torch.tensor(GRAY, dtype=thumbs.dtype, device=thumbs.device).view(1, 3, 1, 1)
     return (thumbs * weights).sum(dim=1, keepdim=True)
@@ -174,13 +180,13 @@ def _centres(side: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(side, dtype=torch.float32, device=device) * 2 + 1) / side - 1
 
 
-def _sources(theta: torch.Tensor, side: int) -> torch.Tensor:
+def _sources(theta: torch.Tensor, side: int, kernels: bool = True) -> torch.Tensor:
     """N x 2 x side x side: where each pixel's x and y come from under warps theta (N x 3 x 3).
     On a CPU one numba pass: torch's broadcast sum of a row and a column takes ~10x as long
     there, and a matrix product with the pixels' (x, y, 1) ~3x. On a GPU that sum: a matrix
     product there may run in TF32 (torch.set_float32_matmul_precision), whose 10-bit mantissa
     would misplace samples by up to a pixel at 2048 px."""
-    if theta.device.type == "cpu":
+    if _kernels(theta, kernels):
         return torch.from_numpy(cpu_kernels.sources(theta.numpy(), _centres(side, theta.device).numpy()))
     return _sources_summed(theta, side)
 
@@ -192,27 +198,28 @@ def _sources_summed(theta: torch.Tensor, side: int) -> torch.Tensor:
     return x * t[:, :, 0] + y * t[:, :, 1] + t[:, :, 2]
 
 
-def _grid(theta: torch.Tensor, side: int) -> torch.Tensor:
+def _grid(theta: torch.Tensor, side: int, kernels: bool) -> torch.Tensor:
     """grid_sample's N x side x side x 2 sampling grid for warps theta: a view of the planes,
     which on a CPU are many times faster to build than (x, y) pairs."""
-    return _sources(theta, side).permute(0, 2, 3, 1)
+    return _sources(theta, side, kernels).permute(0, 2, 3, 1)
 
 
-def _sample(images: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Tensor:
+def _sample(images: torch.Tensor, theta: torch.Tensor, padding: str, kernels: bool) -> torch.Tensor:
     """images (N x C x side^2) at theta(x) for every pixel x, bilinear."""
-    return F.grid_sample(images, _grid(theta, images.shape[-1]), mode="bilinear", padding_mode=padding,
+    return F.grid_sample(images, _grid(theta, images.shape[-1], kernels), mode="bilinear", padding_mode=padding,
                          align_corners=False)
 
 
-def _residual(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def _residual(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, kernels: bool) -> torch.Tensor:
     """Per pair, mean |prev(theta(x)) - cur(x)|, the border repeated."""
-    warped = _sample(prev, theta, "border")
-    if warped.device.type == "cpu":  # one numba pass instead of three torch ones
+    warped = _sample(prev, theta, "border", kernels)
+    if _kernels(warped, kernels):  # one numba pass instead of three torch ones
         return torch.from_numpy(cpu_kernels.mean_abs_difference(warped.numpy(), cur.numpy()))
     return (warped - cur).abs().mean(dim=(1, 2, 3))
 
 
-def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, steps: int) -> torch.Tensor:
+def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, steps: int, kernels: bool
+                  ) -> torch.Tensor:
     """Refine warps theta so that gain * prev(theta(x)) + bias ~ cur(x) in the least-squares
     sense over the pixels that land inside prev; with the best gain and bias that is ECC's
     criterion, the correlation coefficient. Forward compositional Gauss-Newton: with W the
@@ -221,13 +228,13 @@ def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, st
     linearly for (gain * step, gain, bias), then theta <- theta o (I + step)."""
     n, _, side, _ = cur.shape
     c = _centres(side, cur.device)
-    on_cpu = cur.device.type == "cpu"
+    on_cpu = _kernels(cur, kernels)
     if not on_cpu:
         columns = torch.empty((n, 9, side, side), device=cur.device)
         columns[:, 8:] = cur
     identity = torch.eye(3, device=cur.device)
     for _ in range(steps):
-        sources = _sources(theta, side)
+        sources = _sources(theta, side, kernels)
         warped = F.grid_sample(prev, sources.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
                                align_corners=False)
         if on_cpu:  # the same sums in one numba pass over the pixels: half the time of the torch ops
@@ -273,13 +280,15 @@ def _halve(images: torch.Tensor) -> torch.Tensor:
     return (rows[..., 0::2] + rows[..., 1::2]) * 0.25
 
 
-def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor, *, kernels: bool = True) -> torch.Tensor:
     """N x 3 x 3 warps (current -> previous thumbnail, normalised) aligning N pairs of
     thumbnails (N x 3 x L x L, float32): the better of K ``starts`` (N x K x 3 x 3), refined,
-    unless refining made the alignment worse."""
+    unless refining made the alignment worse. ``kernels``: on a CPU, through workers.cpu_kernels
+    where they do the same (False: the torch ops a GPU runs)."""
     n, k = starts.shape[:2]
-    prev, cur = _gray(prev), _gray(cur)
-    scores = _residual(prev.repeat_interleave(k, 0), cur.repeat_interleave(k, 0), starts.flatten(0, 1)).view(n, k)
+    prev, cur = _gray(prev, kernels), _gray(cur, kernels)
+    scores = _residual(prev.repeat_interleave(k, 0), cur.repeat_interleave(k, 0), starts.flatten(0, 1),
+                       kernels).view(n, k)
     start_score, best = scores.min(dim=1)
     start = starts[torch.arange(n, device=starts.device), best]
     theta = start
@@ -287,8 +296,8 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor) -> tor
     while min(pyramid) > REGISTER_LEVELS[0][0]:
         pyramid[min(pyramid) // 2] = _halve(pyramid[min(pyramid)])
     for side, steps in REGISTER_LEVELS:
-        theta = _gauss_newton(theta, *pyramid[side].split(n), steps)
-    better = _residual(prev, cur, theta) <= start_score  # also False where theta went NaN
+        theta = _gauss_newton(theta, *pyramid[side].split(n), steps, kernels)
+    better = _residual(prev, cur, theta, kernels) <= start_score  # also False where theta went NaN
     return torch.where(better.view(n, 1, 1), theta, start)
 
 
@@ -311,11 +320,12 @@ def _dilate(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def change_weight(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, blend_max: float,
-                  blend_sigma: float) -> torch.Tensor:
-    """N x 1 x L x L weight of the previous output, from the thumbnails aligned by theta."""
+                  blend_sigma: float, *, kernels: bool = True) -> torch.Tensor:
+    """N x 1 x L x L weight of the previous output, from the thumbnails aligned by theta
+    (``kernels`` as in register)."""
     covered = torch.ones_like(prev[:, :1])
-    warped = _sample(torch.cat([prev, covered], dim=1), theta, "zeros")
-    if warped.device.type == "cpu":  # up to the exponential in one numba pass instead of ~12 torch ops
+    warped = _sample(torch.cat([prev, covered], dim=1), theta, "zeros", kernels)
+    if _kernels(warped, kernels):  # up to the exponential in one numba pass instead of ~12 torch ops
         exponent = cpu_kernels.change_exponent(warped.numpy(), cur.contiguous().numpy(), OUTSIDE, blend_sigma,
                                                CHANGE_DILATE)
         return torch.from_numpy(exponent).exp_().mul_(blend_max)
@@ -350,7 +360,7 @@ def _blend_batched(previous: torch.Tensor, theta: torch.Tensor, weight: torch.Te
     """The same for N crops at once with torch (N x S x S x 3 in and out, ``dtype`` out). The
     warp runs in float32: a float16 grid would place samples only to ~1/8 pixel at 512."""
     size = previous.shape[1]
-    warped = F.grid_sample(previous.permute(0, 3, 1, 2).float(), _grid(theta, size), mode="bicubic",
+    warped = F.grid_sample(previous.permute(0, 3, 1, 2).float(), _grid(theta, size, False), mode="bicubic",
                            padding_mode="border", align_corners=False)
     weight = F.interpolate(weight, size=(size, size), mode="bilinear", align_corners=False)
     blended = torch.lerp(restored.permute(0, 3, 1, 2).to(dtype), warped.to(dtype), weight.to(dtype))
@@ -492,8 +502,9 @@ class TemporalBlender:
             starts = torch.as_tensor(np.array(starts), dtype=torch.float32).to(device)
 
             def align(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-                theta = register(prev_low[part], cur_low[part], starts[part])
-                return theta, change_weight(prev_low[part], cur_low[part], theta, self.blend_max, self.blend_sigma)
+                theta = register(prev_low[part], cur_low[part], starts[part], kernels=per_crop)
+                return theta, change_weight(prev_low[part], cur_low[part], theta, self.blend_max, self.blend_sigma,
+                                            kernels=per_crop)
 
             theta, weight = (torch.cat(parts) for parts in zip(*self._split(align, len(linked), per_crop)))
             row = {i: j for j, i in enumerate(linked)}
