@@ -116,6 +116,9 @@ for trial in range(300):
     restored = rng.integers(0, 256, (h, w, ch), dtype=np.uint8)
     weight = rng.uniform(0, 1, (int(rng.integers(1, 9)), int(rng.integers(1, 9)))).astype(np.float32)
     warp_blend(src, m, weight, restored, np.empty_like(restored))
+    top = int(rng.integers(0, h + 1))
+    bottom = int(rng.integers(top, h + 1))
+    warp_blend(src, m, weight, restored, np.empty_like(restored), out=np.empty_like(src), rows=(top, bottom))
     side, n = int(rng.integers(1, 6)), int(rng.integers(1, 3))
     planes = rng.uniform(0, 255, (n, 1, side, side)).astype(np.float32)
     thumbs = rng.uniform(0, 255, (n, 3, side, side)).astype(np.float32)
@@ -152,6 +155,32 @@ def test_the_blend_is_the_warp_then_the_weighted_mean_then_opencvs_rounding():
     cv2.add(state, 0.0, dst=opencv_rounded, dtype=cv2.CV_8U)  # to nearest, ties to even, saturated
     assert np.array_equal(rounded, opencv_rounded)
     assert (rounded == 0).any() and (rounded == 255).any()
+
+
+@pytest.mark.parametrize("size, weight_side, bands", [(128, 32, 2), (97, 13, 3), (64, 128, 5), (5, 3, 5)])
+def test_a_crop_in_bands_of_rows_is_the_crop_in_one_go(size, weight_side, bands):
+    """Threads may share one crop by rows: each band writes its rows, exactly as the whole does,
+    and nothing else."""
+    rng = np.random.default_rng(size)
+    previous = smooth_image(rng, size, size)
+    restored = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    weight = rng.uniform(0, 0.9, (weight_side, weight_side)).astype(np.float32)
+    m = rotation(size, 4.0, 0.97, (1.3, -2.2))
+    whole_rounded = np.empty_like(restored)
+    whole = warp_blend(previous, m, weight, restored, whole_rounded)
+    warped = warp_cubic(previous, m)
+    state, rounded = np.full_like(previous, -7), np.full_like(restored, 7)
+    warped_bands = np.full_like(previous, -7)
+    cuts = np.linspace(0, size, bands + 1).astype(int)
+    for top, bottom in zip(cuts[:-1], cuts[1:]):
+        warp_blend(previous, m, weight, restored, rounded, out=state, rows=(top, bottom))
+        warp_cubic(previous, m, out=warped_bands, rows=(top, bottom))
+    assert np.array_equal(state, whole) and np.array_equal(rounded, whole_rounded)
+    assert np.array_equal(warped_bands, warped)
+    state[:], rounded[:] = -7, 7
+    warp_blend(previous, m, weight, restored, rounded, out=state, rows=(1, size - 1))
+    assert (state[0] == -7).all() and (state[-1] == -7).all() and (rounded[0] == 7).all() and (rounded[-1] == 7).all()
+    assert np.array_equal(state[1:-1], whole[1:-1]) and np.array_equal(rounded[1:-1], whole_rounded[1:-1])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -203,6 +232,9 @@ def test_the_kernels_refuse_what_they_cannot_do():
         warp_blend(src, identity, weight[None], restored, np.empty_like(restored))
     with pytest.raises(ValueError, match="rounded"):
         warp_blend(src, identity, weight, restored, np.empty((8, 8, 3), np.float32))
+    for rows in ((-1, 4), (5, 4), (0, 9)):
+        with pytest.raises(ValueError, match="rows"):
+            warp_blend(src, identity, weight, restored, np.empty_like(restored), rows=rows)
 
 
 @pytest.mark.parametrize("side", [1, 2, 5, 32])

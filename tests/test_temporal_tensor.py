@@ -191,6 +191,42 @@ def test_splitting_a_batch_over_threads_gives_what_one_thread_gives():
         assert all(torch.equal(state[key], states[0][key]) for key in states[0])
 
 
+@pytest.mark.parametrize("crops", [1, 3])
+def test_threads_share_crops_they_cannot_divide_by_rows(crops):
+    """A batch of one face (or three on two threads) goes in bands of rows, two per crop on two
+    threads: the same outputs and states as one thread."""
+    jittered = _jittered_crops(2 * crops, 96, seed=5)
+    keys = [("peer", "job", track) for track in range(crops)]
+    first = [jittered[2 * t] for t in range(crops)]
+    second = [jittered[2 * t + 1] for t in range(crops)]
+    outs, states, bands = [], [], []
+    for threads in (1, 2):
+        blender = TemporalBlender(*BLEND, cpu_threads=threads)
+        crops_0 = torch.from_numpy(np.stack([c for _, c in first]))
+        blender.blend_batch(keys, [0] * crops, [a for a, _ in first], crops_0, crops_0, [True] * crops)
+        seen = []
+        original = temporal.warp_blend
+
+        def counting(*args, seen=seen, original=original):
+            seen.append(args[6])  # rows
+            return original(*args)
+
+        temporal.warp_blend = counting
+        try:
+            crops_1 = torch.from_numpy(np.stack([c for _, c in second]))
+            restored = torch.from_numpy(np.ascontiguousarray(crops_1.numpy()[:, :, ::-1]))
+            outs.append(blender.blend_batch(keys, [1] * crops, [a for a, _ in second], crops_1, restored,
+                                            [False] * crops).numpy())
+        finally:
+            temporal.warp_blend = original
+        bands.append(sorted(seen))
+        states.append({key: state.output for key, state in blender._tracks.items()})
+    assert np.array_equal(outs[1], outs[0])
+    assert all(torch.equal(states[1][key], states[0][key]) for key in states[0])
+    assert bands[0] == [(0, 96)] * crops
+    assert bands[1] == [(0, 48)] * crops + [(48, 96)] * crops
+
+
 def test_the_blend_helpers_run_torch_on_one_thread_and_leave_the_default_alone():
     # in a process of its own: the default is process-wide, and threads other tests left behind
     # (workers, other blenders' helpers) could change it meanwhile

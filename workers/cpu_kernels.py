@@ -63,7 +63,7 @@ def _cubic_weights(f):
 
 
 @_compile
-def _warp_cubic(src, m, out, blend, weight, restored, rounded):
+def _warp_cubic(src, m, out, blend, weight, restored, rounded, top, bottom, weight_top, weight_rows):
     h, w, ch = src.shape
     n = w * ch
     flat = src.reshape(h, n)
@@ -71,8 +71,9 @@ def _warp_cubic(src, m, out, blend, weight, restored, rounded):
     if blend:
         kept = restored.reshape(h, n)
         whole = rounded.reshape(h, n)
-        # the weight map, already upsampled along rows (see warp_blend): its rows, per output row
-        hl, hr, hf = _linear_taps(h, weight.shape[0])
+        # the weight map's rows weight_top.. upsampled along rows (see warp_blend): the rows
+        # each output row takes (numbered in the map), and their shares
+        hl, hr, hf = _linear_taps(h, weight_rows)
     column = np.empty(n, np.float32)  # each element's pixel column
     for t in range(n):
         column[t] = t // ch
@@ -85,7 +86,7 @@ def _warp_cubic(src, m, out, blend, weight, restored, rounded):
     a2, a3 = a + np.float32(2), a + np.float32(3)
     dx, dy = np.float32(m[0, 0] - 1), np.float32(m[1, 0])  # per column: what the fractions move by
     step1, step2, step3 = np.uint64(ch), np.uint64(2 * ch), np.uint64(3 * ch)
-    for y in range(h):
+    for y in range(top, bottom):
         bx = m[0, 1] * y + m[0, 2]
         by = m[1, 1] * y + m[1, 2]
         for x in range(w):
@@ -147,7 +148,7 @@ def _warp_cubic(src, m, out, blend, weight, restored, rounded):
                     res[y, x * ch + k] = total
                 x += 1
         if blend:
-            _blend_row(res[y], kept[y], weight[hl[y]], weight[hr[y]], hf[y], whole[y])
+            _blend_row(res[y], kept[y], weight[hl[y] - weight_top], weight[hr[y] - weight_top], hf[y], whole[y])
     return out
 
 
@@ -500,7 +501,8 @@ def sources(theta: np.ndarray, centres: np.ndarray) -> np.ndarray:
 _LARGEST = 1e100  # a warp coefficient beyond this is nonsense, and its products could overflow
 
 
-def _check_warp(src: np.ndarray, m, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _check_warp(src: np.ndarray, m, out: np.ndarray | None, rows: tuple[int, int] | None
+                ) -> tuple[np.ndarray, np.ndarray, int, int]:
     if src.dtype != np.float32 or src.ndim != 3 or not src.flags.c_contiguous:
         raise ValueError(f"src must be a C-contiguous H x W x C float32 array, not {src.shape} {src.dtype}")
     if out is None:
@@ -514,30 +516,35 @@ def _check_warp(src: np.ndarray, m, out: np.ndarray | None) -> tuple[np.ndarray,
         raise ValueError(f"the warp must be 2x3 (or 3x3), not {m.shape}")
     if not (np.abs(m) < _LARGEST).all():  # NaN fails too
         raise ValueError(f"the warp must be finite: {m.tolist()}")
-    return m, out
+    top, bottom = (0, src.shape[0]) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= top <= bottom <= src.shape[0]:
+        raise ValueError(f"rows {rows} are not a range of the {src.shape[0]} rows")
+    return m, out, top, bottom
 
 
 _NO_WEIGHT = np.zeros((1, 1), np.float32)
 _NO_PIXELS = np.zeros((1, 1, 1), np.uint8)
 
 
-def warp_cubic(src: np.ndarray, m, out: np.ndarray | None = None) -> np.ndarray:
+def warp_cubic(src: np.ndarray, m, out: np.ndarray | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
     """out(x, y) = src(m @ (x, y, 1)), bicubic, the border repeated: ``src`` and ``out`` are
     H x W x C float32, C-contiguous, ``m`` the 2x3 map from output to source pixels (pixel
-    centres at integers, as OpenCV's WARP_INVERSE_MAP takes it)."""
-    m, out = _check_warp(src, m, out)
-    return _warp_cubic(src, m, out, False, _NO_WEIGHT, _NO_PIXELS, _NO_PIXELS)
+    centres at integers, as OpenCV's WARP_INVERSE_MAP takes it). ``rows`` (top, bottom): only
+    those rows of ``out`` (the others are left as they are), so that threads can share a crop."""
+    m, out, top, bottom = _check_warp(src, m, out, rows)
+    return _warp_cubic(src, m, out, False, _NO_WEIGHT, _NO_PIXELS, _NO_PIXELS, top, bottom, 0, 1)
 
 
 def warp_blend(previous: np.ndarray, m, weight: np.ndarray, restored: np.ndarray, rounded: np.ndarray,
-               out: np.ndarray | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
     """The temporal blend of one crop in one pass: out = restored + w * (warp_cubic(previous, m)
     - restored), w the L x L ``weight`` map upsampled bilinearly (as cv2.resize does) to the
     crop, ``restored`` uint8 or whole numbers in a float type. ``rounded`` (uint8, the crop's
     shape) gets out rounded to nearest, ties to even, and saturated, as OpenCV rounds. A row at
     a time, so the warped values are blended while they are in cache: before, each of six steps
-    read and wrote the whole 3 MB crop at 512 px."""
-    m, out = _check_warp(previous, m, out)
+    read and wrote the whole 3 MB crop at 512 px. ``rows``: as in warp_cubic (``out`` and
+    ``rounded`` only there)."""
+    m, out, top, bottom = _check_warp(previous, m, out, rows)
     if restored.shape != previous.shape:
         raise ValueError(f"restored must be a {previous.shape} array, not {restored.shape}")
     if restored.dtype not in (np.uint8, np.float32):  # whole numbers in another float type (float16)
@@ -548,11 +555,14 @@ def warp_blend(previous: np.ndarray, m, weight: np.ndarray, restored: np.ndarray
     if weight.ndim != 2 or weight.dtype != np.float32:
         raise ValueError(f"weight must be a 2-D float32 array, not {weight.shape} {weight.dtype}")
     # cv2.resize(INTER_LINEAR) upsamples along rows, then down columns. The first pass, its SIMD
-    # code, here, the same value repeated for each channel; the second in the kernel, row by row
+    # code, here, the same value repeated for each channel, for the map's rows these output rows
+    # take; the second in the kernel, row by row
     h, w, ch = previous.shape
-    along_rows = cv2.resize(weight, (w, weight.shape[0]), interpolation=cv2.INTER_LINEAR)
+    upper, lower, _ = _linear_taps(h, weight.shape[0])
+    first, last = (int(upper[top]), int(lower[bottom - 1])) if bottom > top else (0, 0)
+    along_rows = cv2.resize(weight[first:last + 1], (w, last + 1 - first), interpolation=cv2.INTER_LINEAR)
     wide = np.repeat(along_rows, ch, axis=1)
-    return _warp_cubic(previous, m, out, True, wide, restored, rounded)
+    return _warp_cubic(previous, m, out, True, wide, restored, rounded, top, bottom, first, weight.shape[0])
 
 
 def warm_up() -> None:

@@ -37,6 +37,7 @@ A track's state is dropped on ``reset`` (scene cut, new worker), when frames wer
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -175,8 +176,10 @@ def _gray(thumbs: torch.Tensor, kernels: bool) -> torch.Tensor:
     return (thumbs * weights).sum(dim=1, keepdim=True)
 
 
+@functools.lru_cache(maxsize=64)
 def _centres(side: int, device: torch.device) -> torch.Tensor:
-    """Normalised coordinates of the pixel centres along one axis."""
+    """Normalised coordinates of the pixel centres along one axis (cached: a registration asks
+    ten times per batch, and a batch of one face felt each torch op; read only)."""
     return (torch.arange(side, dtype=torch.float32, device=device) * 2 + 1) / side - 1
 
 
@@ -345,14 +348,15 @@ def _change_weight_torch(warped: torch.Tensor, cur: torch.Tensor, blend_max: flo
 
 
 def _blend_on_cpu(previous: np.ndarray, theta: np.ndarray, weight: np.ndarray, restored: np.ndarray,
-                  rounded: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+                  rounded: np.ndarray, out: np.ndarray | None = None, rows: tuple[int, int] | None = None
+                  ) -> np.ndarray:
     """One crop: the previous output (S x S x 3 float32) warped by theta (bicubic, the border
     repeated), blended into ``restored`` with ``weight`` (L x L) upsampled bilinearly. Writes
     the uint8 result (rounded to nearest, ties to even, saturated) into ``rounded`` and the
     float32 one into ``out`` (or a new array), and returns the float32 one. One pass of our
     numba kernel (workers.cpu_kernels); no torch ops: they would wake torch's OpenMP threads,
-    which then spin against the helpers."""
-    return warp_blend(previous, _to_pixels(theta, previous.shape[0]), weight, restored, rounded, out)
+    which then spin against the helpers. ``rows``: only those (top, bottom) of the outputs."""
+    return warp_blend(previous, _to_pixels(theta, previous.shape[0]), weight, restored, rounded, out, rows)
 
 
 def _blend_batched(previous: torch.Tensor, theta: torch.Tensor, weight: torch.Tensor, restored: torch.Tensor,
@@ -532,13 +536,18 @@ class TemporalBlender:
             if per_crop:
                 for i in chained:
                     outputs[i] = self._spare_output(restored.shape[1:])
+                # the threads share the crops evenly: where they do not divide among them (a
+                # batch of one face, or three on two threads), each crop goes in bands of rows
+                bands = self.cpu_threads // math.gcd(len(chained), self.cpu_threads) if chained else 1
+                pieces = [(i, prev_out, (band * size // bands, (band + 1) * size // bands))
+                          for i, prev_out in zip(chained, previous) for band in range(bands)]
 
                 def blend_part(part: slice) -> None:
-                    for i, prev_out in zip(chained[part], previous[part]):
+                    for i, prev_out, rows in pieces[part]:
                         _blend_on_cpu(prev_out.numpy(), theta_host[row[i]], weight_host[row[i], 0],
-                                      restored[i].numpy(), rounded[i].numpy(), out=outputs[i].numpy())
+                                      restored[i].numpy(), rounded[i].numpy(), out=outputs[i].numpy(), rows=rows)
 
-                self._split(blend_part, len(chained), parallel=True)
+                self._split(blend_part, len(pieces), parallel=True)
             elif chained:
                 rows = [row[i] for i in chained]
                 blended = _blend_batched(torch.stack(previous), theta[rows], weight[rows], restored[chained], dtype)
