@@ -289,6 +289,43 @@ def test_what_a_gpu_runs_gives_what_a_cpu_runs():
     assert diff.mean() < 0.01 and diff.max() <= 1
 
 
+def _thumbnail_pairs(n: int = 6, size: int = 128):
+    """Thumbnails of consecutive jittered crops, and blend_batch's two starts for each pair."""
+    crops = _jittered_crops(n + 1, size, seed=11)
+    thumbs = temporal.thumbnails(torch.from_numpy(np.stack([c for _, c in crops])), opencv=True)
+    to_norm, from_norm = temporal._normalising(size)
+    starts = [[np.eye(3), to_norm @ temporal._as3x3(crops[i][0]) @ np.linalg.inv(temporal._as3x3(crops[i + 1][0]))
+               @ from_norm] for i in range(n)]
+    return thumbs[:n], thumbs[1:], torch.as_tensor(np.array(starts), dtype=torch.float32)
+
+
+def test_registration_on_a_cpu_finds_the_warps_the_torch_ops_find():
+    """The CPU's registration (numba sums, numpy for the small solves, the identity start not
+    sampled) against the torch ops a GPU runs: the same warps to float32 rounding, also where a
+    pair is flat (nothing to register: the start stays) or a start is NaN (never chosen)."""
+    prev, cur, starts = _thumbnail_pairs()
+    prev[2], cur[2] = 100.0, 100.0  # flat: the normal equations are damping only
+    starts[4, 1] = float("nan")
+    cpu = temporal.register(prev, cur, starts)
+    gpu = temporal.register(prev, cur, starts, kernels=False)
+    assert torch.isfinite(cpu).all() and (cpu - gpu).abs().max() < 1e-5
+    assert any(torch.equal(cpu[2], start) for start in starts[2])  # nothing to refine: a start
+    moved = [i for i in range(len(cpu)) if i != 2]
+    refined = [i for i in moved if min((cpu[i] - start).abs().max() for start in starts[i]) > 5e-5]
+    assert len(refined) >= 2  # the steps ran (where refining made it worse, the start stays)
+
+
+def test_sampling_a_thumbnail_at_the_identity_gives_the_thumbnail():
+    """Why the CPU's registration need not sample its identity start: at a power-of-two side the
+    pixel centres map onto pixels exactly, so grid_sample returns the image bit for bit."""
+    prev, cur, _ = _thumbnail_pairs(3)
+    gray = temporal._gray(prev, kernels=False)
+    for side in (32, 64, 128):
+        image = torch.nn.functional.interpolate(gray, size=side, mode="area")
+        same = temporal._sample(image, torch.eye(3).repeat(len(image), 1, 1), "border", kernels=False)
+        assert torch.equal(same, image)
+
+
 def test_the_torch_kernels_agree_with_the_opencv_ones():
     """What a GPU runs (torch, batched) against what a CPU runs (OpenCV, crop by crop)."""
     size = 256
