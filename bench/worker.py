@@ -7,7 +7,8 @@ throughput  the real Worker (receive loop, model thread, blender) in a thread, s
             512 px faces with landmark jitter and noise. Faces per second with --temporal off and
             full, per model latency and batch size; "full/off" is the ratio; "full, ref" is full
             with the blender the tensor one replaced.
-blend       the batched blend alone on the same kind of crops, batch 16, in a thread set up as
+blend       the batched blend alone on the same kind of crops, batch 16 (and at 512 px, batch 1:
+            one face per call, as a worker at batch 1 blends), in a thread set up as
             the worker's blend thread (torch on one thread, OpenCV on its own; on a CPU the
             blender splits each batch between that thread and its own helper, as in the worker):
             ms per face at 256 and 512 px for the tensor blender and, for reference, the
@@ -162,7 +163,8 @@ def main() -> None:
     ap.add_argument("--latencies", type=float, nargs="+", default=[1.0, 5.0], help="stand-in model, ms per face")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=4.0, help="measured per configuration, after a warm-up")
-    ap.add_argument("--blend-batches", type=int, default=10, help="batches of 16 per blend measurement")
+    ap.add_argument("--blend-batches", type=int, default=10,
+                    help="batches of 16 per blend measurement (4x as many batches of one face)")
     ap.add_argument("--blend-rounds", type=int, default=3, help="blend measurements of each blender, taken in turn")
     ap.add_argument("--threads", type=int, default=0, help="torch and OpenCV threads (default: theirs)")
     args = ap.parse_args()
@@ -182,15 +184,17 @@ def main() -> None:
             ref = throughput(latency, batch, "full", sequences, args.seconds, ReferenceBlender)
             print(f"{latency:>14g}{batch:>7}{off:>9.1f}{full:>9.1f}{full / off:>10.2f}{ref:>11.1f}", flush=True)
 
-    print(f"\nblend, ms per face (batch 16; median of {args.blend_rounds} rounds, taken in turn)")
-    print(f"{'crop':>6}{'tensor':>9}{'reference':>11}{'ratio':>8}")
-    for size in (256, 512):
-        sequences = [face_sequence(size, FRAMES, seed) for seed in range(16)]
-        rounds = [(blend_ms(TemporalBlender(BLEND_MAX, BLEND_SIGMA), sequences, args.blend_batches),
-                   blend_ms(ReferenceBlender(BLEND_MAX, BLEND_SIGMA), sequences, args.blend_batches))
+    print(f"\nblend, ms per face (batch 16, and one 512 px face per batch as at batch 1; median of "
+          f"{args.blend_rounds} rounds, taken in turn)")
+    print(f"{'crop':>6}{'batch':>7}{'tensor':>9}{'reference':>11}{'ratio':>8}")
+    for size, batch in ((256, 16), (512, 16), (512, 1)):
+        sequences = [face_sequence(size, FRAMES, seed) for seed in range(batch)]
+        batches = args.blend_batches if batch == 16 else args.blend_batches * 4  # at batch 1, 40 faces by default
+        rounds = [(blend_ms(TemporalBlender(BLEND_MAX, BLEND_SIGMA), sequences, batches),
+                   blend_ms(ReferenceBlender(BLEND_MAX, BLEND_SIGMA), sequences, batches))
                   for _ in range(args.blend_rounds)]
         tensor, reference = (statistics.median(times) for times in zip(*rounds))
-        print(f"{size:>6}{tensor:>9.2f}{reference:>11.2f}{reference / tensor:>8.2f}", flush=True)
+        print(f"{size:>6}{batch:>7}{tensor:>9.2f}{reference:>11.2f}{reference / tensor:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":
