@@ -431,34 +431,48 @@ def _change_exponent(warped, cur, outside, blend_sigma, reach, out):
     n, channels, h, w = cur.shape
     change = np.empty((h, w), np.float32)
     across = np.empty((h, w), np.float32)
+    uncovered = np.empty(w, np.float32)  # a row's outside * (1 - coverage)
     one, scale = np.float32(1), np.float32(1 / (channels * 255))
+    # each loop reads one array and writes another along a row (or whole rows): vectorized
     for k in range(n):
+        coverage = warped[k, channels]
         for i in range(h):
+            row, covered = change[i], coverage[i]
             for j in range(np.uint64(w)):
-                uncovered = outside * (one - warped[k, channels, i, j])
-                total = np.float32(0)
-                for c in range(channels):
-                    total += abs(cur[k, c, i, j] - (warped[k, c, i, j] + uncovered))
-                change[i, j] = total * scale
+                row[j] = np.float32(0)
+                uncovered[j] = outside * (one - covered[j])
+            for c in range(channels):
+                now, before = cur[k, c, i], warped[k, c, i]
+                for j in range(np.uint64(w)):
+                    row[j] += abs(now[j] - (before[j] + uncovered[j]))
+            for j in range(np.uint64(w)):
+                row[j] *= scale
         # the maximum over a (2 reach + 1)^2 window, along rows then columns: one shifted
-        # contiguous range per offset (the window stops at the edges)
+        # contiguous range per offset and direction (the window stops at the edges)
         across[:] = change
-        for d in range(1, reach + 1):
-            for i in range(h):
-                for j in range(np.uint64(max(w - d, 0))):
-                    across[i, j] = max(across[i, j], change[i, j + d])
-                    across[i, j + d] = max(across[i, j + d], change[i, j])
+        for i in range(h):
+            source, target = change[i], across[i]
+            for d in range(np.uint64(1), np.uint64(reach + 1)):
+                for j in range(np.uint64(max(w - np.int64(d), 0))):
+                    target[j] = max(target[j], source[j + d])
+                for j in range(d, np.uint64(w)):
+                    target[j] = max(target[j], source[j - d])
         dilated = out[k, 0]
         dilated[:] = across
         for d in range(1, reach + 1):
             for i in range(h - d):
+                below, target = across[i + d], dilated[i]
                 for j in range(np.uint64(w)):
-                    dilated[i, j] = max(dilated[i, j], across[i + d, j])
-                    dilated[i + d, j] = max(dilated[i + d, j], across[i, j])
+                    target[j] = max(target[j], below[j])
+            for i in range(d, h):
+                above, target = across[i - d], dilated[i]
+                for j in range(np.uint64(w)):
+                    target[j] = max(target[j], above[j])
         for i in range(h):
+            target = dilated[i]
             for j in range(np.uint64(w)):
-                scaled = dilated[i, j] / blend_sigma
-                dilated[i, j] = -(scaled * scaled)
+                scaled = target[j] / blend_sigma
+                target[j] = -(scaled * scaled)
 
 
 def change_exponent(warped: np.ndarray, cur: np.ndarray, outside: float, blend_sigma: float, dilate: int
