@@ -79,8 +79,8 @@ def _warp_cubic(src, m, out, blend, weight, restored, rounded, top, bottom, weig
         column[t] = t // ch
     sx = np.empty(w, np.float64)  # a row's source positions
     sy = np.empty(w, np.float64)
-    ix = np.empty(w, np.int64)  # and their floors
-    iy = np.empty(w, np.int64)
+    ix = np.empty(w, np.int32)  # and their floors (int32: AVX2 converts doubles to those in vectors)
+    iy = np.empty(w, np.int32)
     a = np.float32(CUBIC_A)
     one = np.float32(1)
     a2, a3 = a + np.float32(2), a + np.float32(3)
@@ -94,8 +94,8 @@ def _warp_cubic(src, m, out, blend, weight, restored, rounded, top, bottom, weig
             # nothing and keeps far-off positions in integer range
             sx[x] = min(max(m[0, 0] * x + bx, -2.0), w + 1.0)
             sy[x] = min(max(m[1, 0] * x + by, -2.0), h + 1.0)
-            ix[x] = np.int64(np.floor(sx[x]))
-            iy[x] = np.int64(np.floor(sy[x]))
+            ix[x] = np.int32(np.floor(sx[x]))
+            iy[x] = np.int32(np.floor(sy[x]))
         x = 0
         while x < w:
             jx, jy = ix[x], iy[x]
@@ -137,15 +137,16 @@ def _warp_cubic(src, m, out, blend, weight, restored, rounded, top, bottom, weig
             else:  # some taps outside the image: the border repeated, tap by tap
                 cx = _cubic_weights(np.float32(sx[x] - jx))
                 cy = _cubic_weights(np.float32(sy[x] - jy))
+                c0, c1 = min(max(jx - 1, 0), w - 1) * ch, min(max(jx, 0), w - 1) * ch
+                c2, c3 = min(max(jx + 1, 0), w - 1) * ch, min(max(jx + 2, 0), w - 1) * ch
+                r0, r1 = flat[min(max(jy - 1, 0), h - 1)], flat[min(max(jy, 0), h - 1)]
+                r2, r3 = flat[min(max(jy + 1, 0), h - 1)], flat[min(max(jy + 2, 0), h - 1)]
                 for k in range(ch):
-                    total = np.float32(0)
-                    for j in range(4):
-                        source = flat[min(max(jy - 1 + j, 0), h - 1)]
-                        across = np.float32(0)
-                        for i in range(4):
-                            across += cx[i] * source[min(max(jx - 1 + i, 0), w - 1) * ch + k]
-                        total += cy[j] * across
-                    res[y, x * ch + k] = total
+                    res[y, x * ch + k] = (
+                        cy[0] * (((cx[0] * r0[c0 + k] + cx[1] * r0[c1 + k]) + cx[2] * r0[c2 + k]) + cx[3] * r0[c3 + k])
+                        + cy[1] * (((cx[0] * r1[c0 + k] + cx[1] * r1[c1 + k]) + cx[2] * r1[c2 + k]) + cx[3] * r1[c3 + k])
+                        + cy[2] * (((cx[0] * r2[c0 + k] + cx[1] * r2[c1 + k]) + cx[2] * r2[c2 + k]) + cx[3] * r2[c3 + k])
+                        + cy[3] * (((cx[0] * r3[c0 + k] + cx[1] * r3[c1 + k]) + cx[2] * r3[c2 + k]) + cx[3] * r3[c3 + k]))
                 x += 1
         if blend:
             _blend_row(res[y], kept[y], weight[hl[y] - weight_top], weight[hr[y] - weight_top], hf[y], whole[y])
