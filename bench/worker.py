@@ -22,6 +22,7 @@ stand-in does not use them.
     python bench/worker.py
     python bench/worker.py --threads 1                    # torch and OpenCV on one thread
     python bench/worker.py --seconds 2 --latencies 1 --batches 4
+    python bench/worker.py --latencies                    # the blend only
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def _blend_ms(blender, sequences: list, batches: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--latencies", type=float, nargs="+", default=[1.0, 5.0], help="stand-in model, ms per face")
+    ap.add_argument("--latencies", type=float, nargs="*", default=[1.0, 5.0],
+                    help="stand-in model, ms per face (none: the blend only)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=4.0, help="measured per configuration, after a warm-up")
     ap.add_argument("--blend-batches", type=int, default=10,
@@ -174,7 +176,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OpenCV {cv2.__version__}, "
           f"{cv2.getNumThreads()} threads; CPU")
 
-    sequences = [face_sequence(512, FRAMES, seed) for seed in range(TRACKS)]
+    sequences = [face_sequence(512, FRAMES, seed) for seed in range(TRACKS)] if args.latencies else []
     print(f"\nworker throughput, faces/s ({TRACKS} tracks of 512 px faces, stand-in model, inproc://)")
     print(f"{'model ms/face':>14}{'batch':>7}{'off':>9}{'full':>9}{'full/off':>10}{'full, ref':>11}")
     for latency in args.latencies:
