@@ -177,8 +177,9 @@ def main() -> None:
           f"{cv2.getNumThreads()} threads; CPU")
 
     sequences = [face_sequence(512, FRAMES, seed) for seed in range(TRACKS)] if args.latencies else []
-    print(f"\nworker throughput, faces/s ({TRACKS} tracks of 512 px faces, stand-in model, inproc://)")
-    print(f"{'model ms/face':>14}{'batch':>7}{'off':>9}{'full':>9}{'full/off':>10}{'full, ref':>11}")
+    if args.latencies:
+        print(f"\nworker throughput, faces/s ({TRACKS} tracks of 512 px faces, stand-in model, inproc://)")
+        print(f"{'model ms/face':>14}{'batch':>7}{'off':>9}{'full':>9}{'full/off':>10}{'full, ref':>11}")
     for latency in args.latencies:
         for batch in args.batches:
             off = throughput(latency, batch, "off", sequences, args.seconds)

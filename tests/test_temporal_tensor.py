@@ -322,8 +322,23 @@ def test_sampling_a_thumbnail_at_the_identity_gives_the_thumbnail():
     gray = temporal._gray(prev, kernels=False)
     for side in (32, 64, 128):
         image = torch.nn.functional.interpolate(gray, size=side, mode="area")
-        same = temporal._sample(image, torch.eye(3).repeat(len(image), 1, 1), "border", kernels=False)
-        assert torch.equal(same, image)
+        for kernels in (True, False):  # the positions from numba's kernel (what the CPU skips) and torch's
+            same = temporal._sample(image, torch.eye(3).repeat(len(image), 1, 1), "border", kernels=kernels)
+            assert torch.equal(same, image)
+
+
+def test_a_warp_gone_nan_in_a_batch_leaves_the_other_warps_alone():
+    """The CPU's steps solve the batch's systems in one numpy call: a NaN one stays NaN (register
+    then keeps that pair's start) and the others register as torch's steps do."""
+    prev, cur, starts = _thumbnail_pairs(4)
+    gray_prev, gray_cur = temporal._gray(prev, kernels=False), temporal._gray(cur, kernels=False)
+    theta = starts[:, 1].clone()
+    theta[1] = float("nan")
+    cpu = temporal._gauss_newton_on_cpu(theta.numpy().copy(), gray_prev, gray_cur, 2)
+    gpu = temporal._gauss_newton(theta, gray_prev, gray_cur, 2, kernels=False)
+    assert np.isnan(cpu[1]).all()
+    others = [0, 2, 3]
+    assert np.isfinite(cpu[others]).all() and np.abs(cpu[others] - gpu[others].numpy()).max() < 1e-5
 
 
 def test_the_torch_kernels_agree_with_the_opencv_ones():

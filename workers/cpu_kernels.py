@@ -10,10 +10,12 @@ Full size, per crop:
   into runs: for a warp near the identity (consecutive crops of one face) long runs of output
   pixels read the same four source rows, one source column per output column, so a run is a
   4x4 filter over contiguous memory with weights that change per pixel, which the compiler
-  vectorizes (bench/RESULTS.md: 2-3.5x OpenCV's speed, depending on how far the face moved).
+  vectorizes (bench/RESULTS.md: 1.1-3x OpenCV's speed, depending on the CPU and on how far
+  the face moved: short runs where it turned).
   Pixels whose taps leave the image go one at a time, the border repeated.
 - ``warp_blend``: that warp, the blend with the restored crop and the rounding to uint8 in one
   pass, a row at a time while the row is in cache.
+- Both take ``rows``: a band of the output rows, so that threads can share one crop.
 
 Thumbnails (registration and the change map), per batch: ``normal_equations`` (a Gauss-Newton
 step's sums), ``sources`` (sampling positions), ``gray``, ``mean_abs_difference`` and
@@ -39,7 +41,7 @@ FAST_MATH = {"reassoc", "contract"}  # not "nnan"/"ninf": see above
 
 
 def _compile(function):
-    """njit, nogil (the blend splits a batch over threads), the compiled code cached beside the
+    """njit, nogil (the blend splits a batch, or a crop by rows, over threads), the compiled code cached beside the
     module or in NUMBA_CACHE_DIR (~4 s to compile them all); without a writable cache, compiled
     once per process."""
     options = dict(nogil=True, fastmath=FAST_MATH, error_model="numpy", boundscheck=False)
@@ -571,12 +573,13 @@ def warp_blend(previous: np.ndarray, m, weight: np.ndarray, restored: np.ndarray
         raise ValueError(f"weight must be a 2-D float32 array, not {weight.shape} {weight.dtype}")
     # cv2.resize(INTER_LINEAR) upsamples along rows, then down columns. The first pass, its SIMD
     # code, here, the same value repeated for each channel, for the map's rows these output rows
-    # take; the second in the kernel, row by row
+    # take; the second in the kernel, row by row. The whole map goes through the first pass:
+    # OpenCV's code differs with the number of rows (a one-row map came out 3e-8 apart)
     h, w, ch = previous.shape
     upper, lower, _ = _linear_taps(h, weight.shape[0])
     first, last = (int(upper[top]), int(lower[bottom - 1])) if bottom > top else (0, 0)
-    along_rows = cv2.resize(weight[first:last + 1], (w, last + 1 - first), interpolation=cv2.INTER_LINEAR)
-    wide = np.repeat(along_rows, ch, axis=1)
+    along_rows = cv2.resize(weight, (w, weight.shape[0]), interpolation=cv2.INTER_LINEAR)
+    wide = np.repeat(along_rows[first:last + 1], ch, axis=1)
     return _warp_cubic(previous, m, out, True, wide, restored, rounded, top, bottom, first, weight.shape[0])
 
 

@@ -25,9 +25,12 @@ the full crop. Registration and the change map are batched tensor maths in float
 the model runs in (sums of squared gradients overflow float16). The full-size work (thumbnail,
 warp of the previous output, blend) is batched torch on a GPU, in float16 where the model runs
 in float16; on a CPU it goes crop by crop through OpenCV and, for the bicubic warp, our own
-numba kernel (workers.cpu_kernels: OpenCV's warp, ~3x faster), which are several times faster
-there than torch's batched maths, and the batch is split over ``cpu_threads`` threads (the
-caller's and helpers'), torch on one thread in each.
+numba kernel (workers.cpu_kernels: OpenCV's warp, 1.1-3x faster depending on the CPU and
+the motion), which are several times faster there than torch's batched maths, and the batch is
+split over ``cpu_threads`` threads (the caller's and helpers'), torch on one thread in each: by
+crops, or by bands of rows where the crops do not divide among the threads (a batch of one).
+On a CPU the registration's small solves go through numpy, whose ops on 8x8 arrays cost a
+fraction of torch's.
 
 A track's state is dropped on ``reset`` (scene cut, new worker), when frames were skipped, on
 ``end_track``/``bye``, or, least recently used first, when all states together exceed
@@ -258,28 +261,30 @@ _EIGHT = np.arange(8)  # the 8x8 normal matrix's diagonal
 def _gauss_newton_on_cpu(theta: np.ndarray, prev: torch.Tensor, cur: torch.Tensor, steps: int) -> np.ndarray:
     """_gauss_newton on a CPU (theta a float32 array): the same steps, the small 8x8 and 3x3
     maths in numpy, whose ops on arrays this small cost a few microseconds where torch's cost
-    10-20 (a batch of one face took ~60 of them per registration)."""
+    10-20 (a batch of one face took ~60 of them per registration). A warp gone NaN or infinite
+    passes silently, as on torch's path: register keeps the start there."""
     n, _, side, _ = cur.shape
     c = _centres(side, cur.device).numpy()
     target = cur.numpy()
     update = np.zeros((n, 3, 3), np.float32)
     update[:, 2, 2] = 1
-    for _ in range(steps):
-        sources = cpu_kernels.sources(theta, c)
-        warped = F.grid_sample(prev, torch.from_numpy(sources).permute(0, 2, 3, 1), mode="bilinear",
-                               padding_mode="border", align_corners=False)
-        normal = normal_equations(warped.numpy(), sources, c, target)
-        lhs, rhs = normal[..., :8], normal[..., 8:]
-        lhs[:, _EIGHT, _EIGHT] = lhs[:, _EIGHT, _EIGHT] * np.float32(1 + 1e-6) + np.float32(1e-6)  # as _gauss_newton
-        try:
-            solution = np.linalg.solve(lhs, rhs)
-        except np.linalg.LinAlgError:  # singular (not after the damping, but for NaN): as torch answers it
-            solution = torch.linalg.solve_ex(torch.from_numpy(lhs), torch.from_numpy(rhs)).result.numpy()
-        step = solution[:, :6, 0] / np.maximum(solution[:, 6:7, 0], np.float32(MIN_GAIN)) * np.float32(4 / side)
-        update[:, :2] = step.reshape(n, 2, 3)
-        update[:, 0, 0] += 1
-        update[:, 1, 1] += 1
-        theta = theta @ update
+    with np.errstate(all="ignore"):
+        for _ in range(steps):
+            sources = cpu_kernels.sources(theta, c)
+            warped = F.grid_sample(prev, torch.from_numpy(sources).permute(0, 2, 3, 1), mode="bilinear",
+                                   padding_mode="border", align_corners=False)
+            normal = normal_equations(warped.numpy(), sources, c, target)
+            lhs, rhs = normal[..., :8], normal[..., 8:]
+            lhs[:, _EIGHT, _EIGHT] = lhs[:, _EIGHT, _EIGHT] * np.float32(1 + 1e-6) + np.float32(1e-6)  # as torch's
+            try:
+                solution = np.linalg.solve(lhs, rhs)
+            except np.linalg.LinAlgError:  # an exact zero pivot (NaN only spreads): torch answers per item
+                solution = torch.linalg.solve_ex(torch.from_numpy(lhs), torch.from_numpy(rhs)).result.numpy()
+            step = solution[:, :6, 0] / np.maximum(solution[:, 6:7, 0], np.float32(MIN_GAIN)) * np.float32(4 / side)
+            update[:, :2] = step.reshape(n, 2, 3)
+            update[:, 0, 0] += 1
+            update[:, 1, 1] += 1
+            theta = theta @ update
     return theta
 
 
@@ -318,7 +323,8 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor, *, ker
     """N x 3 x 3 warps (current -> previous thumbnail, normalised) aligning N pairs of
     thumbnails (N x 3 x L x L, float32): the better of K ``starts`` (N x K x 3 x 3), refined,
     unless refining made the alignment worse. ``kernels``: on a CPU, through workers.cpu_kernels
-    where they do the same (False: the torch ops a GPU runs)."""
+    where they do the same, the small solves in numpy, and the identity start's residual without
+    sampling (False: the torch ops a GPU runs)."""
     n, k = starts.shape[:2]
     prev, cur = _gray(prev, kernels), _gray(cur, kernels)
     on_cpu = _kernels(prev, kernels)
