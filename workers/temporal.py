@@ -67,6 +67,7 @@ GRAY = (0.299, 0.587, 0.114)  # RGB -> luma, for registration
 # instead of two (~0.4 ms of CPU per face less) moved the bench by 0.01 at most, but the
 # occluder clip's TE by 0.11 against the replaced blender in tests/test_temporal_tensor.py
 REGISTER_LEVELS = ((LOWPASS_SIZE // 4, 1), (LOWPASS_SIZE // 2, 1), (LOWPASS_SIZE, 2))
+DAMPING = 1e-6  # added to the normal matrix's diagonal, relative and absolute: flat images solve to 0
 MIN_GAIN = 0.1  # below this the two thumbnails barely correlate: bound the step (it is checked anyway)
 
 
@@ -248,7 +249,7 @@ def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, st
         else:
             normal = _normal_equations(warped, sources, c, columns)
         lhs, rhs = normal[..., :8], normal[..., 8:]
-        lhs.diagonal(dim1=1, dim2=2).mul_(1 + 1e-6).add_(1e-6)  # a whisker of damping: flat images solve to 0
+        lhs.diagonal(dim1=1, dim2=2).mul_(1 + DAMPING).add_(DAMPING)
         solution = torch.linalg.solve_ex(lhs, rhs).result  # solve() would check for errors: a GPU sync
         step = solution[:, :6] / solution[:, 6:7].clamp(min=MIN_GAIN) * (4 / side)
         theta = theta @ (identity + F.pad(step.view(n, 2, 3), (0, 0, 0, 1)))
@@ -275,7 +276,7 @@ def _gauss_newton_on_cpu(theta: np.ndarray, prev: torch.Tensor, cur: torch.Tenso
                                    padding_mode="border", align_corners=False)
             normal = normal_equations(warped.numpy(), sources, c, target)
             lhs, rhs = normal[..., :8], normal[..., 8:]
-            lhs[:, _EIGHT, _EIGHT] = lhs[:, _EIGHT, _EIGHT] * np.float32(1 + 1e-6) + np.float32(1e-6)  # as torch's
+            lhs[:, _EIGHT, _EIGHT] = lhs[:, _EIGHT, _EIGHT] * np.float32(1 + DAMPING) + np.float32(DAMPING)
             try:
                 solution = np.linalg.solve(lhs, rhs)
             except np.linalg.LinAlgError:  # an exact zero pivot (NaN only spreads): torch answers per item
