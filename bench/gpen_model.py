@@ -46,13 +46,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape first")
     args = ap.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = args.dtypes or (["fp32", "fp16"] if args.device.startswith("cuda") else ["fp32", "bf16"])
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats} (median)")
+          f"repeats {args.repeats} (median)" + (", cudnn.benchmark" if args.cudnn_benchmark else ""))
     print(f"{'model':<14}{'batch':>6}{'dtype':>6}{'ours ms/face':>14}{'grouped ms/face':>17}{'ratio':>8}{'max|diff|':>11}")
     for size in args.models:
         name = f"GPEN-BFR-{size}"
@@ -71,7 +73,7 @@ def main() -> None:
                         ref.append(_time(lambda: reference_forward(baseline, x, dtype), sync))
                 diff = (ours_out.float() - ref_out.float()).abs().max().item()
                 o, r = statistics.median(ours) * 1e3 / batch, statistics.median(ref) * 1e3 / batch
-                print(f"{name:<14}{batch:>6}{dtype_name:>6}{o:>14.1f}{r:>17.1f}{r / o:>8.2f}{diff:>11.2e}", flush=True)
+                print(f"{name:<14}{batch:>6}{dtype_name:>6}{o:>14.2f}{r:>17.2f}{r / o:>8.2f}{diff:>11.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,16 @@ blend       the batched blend alone on the same kind of crops, batch 16 (and at 
             machine's speed drifts within minutes; taking turns keeps the ratio fair).
 
 On a CPU the blend and the worker's other threads share the cores with the client; the model
-stand-in does not use them.
+stand-in does not use them. On a GPU (--device cuda, the default where one is present) the
+stand-in leaves its outputs on the GPU in float16, as GPEN does there, and the blend runs there;
+the reference blender is CPU-only (its column is left out); --gpen adds the throughput with the
+real GPEN-BFR-512 (deterministic weights, float16 on CUDA) as the model.
 
     python bench/worker.py
     python bench/worker.py --threads 1                    # torch and OpenCV on one thread
     python bench/worker.py --seconds 2 --latencies 1 --batches 4
     python bench/worker.py --latencies                    # the blend only
+    python bench/worker.py --device cuda --gpen           # on a GPU, with GPEN-BFR-512 too
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, b
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -44,10 +49,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
+from gpen import RELEASED_CONFIGS  # noqa: E402
+from gpen.testing import deterministic_state_dict  # noqa: E402
 from streamer.faces.align import alignment  # noqa: E402
 from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut  # noqa: E402
 from workers import wire  # noqa: E402
-from workers.restorers import build_restorer  # noqa: E402
+from workers.restorers import build_restorer, resolve_device, resolve_dtype  # noqa: E402
 from workers.temporal import TemporalBlender  # noqa: E402
 from workers.temporal_reference import ReferenceBlender  # noqa: E402
 from workers.worker import Worker, single_torch_thread  # noqa: E402
@@ -84,14 +91,27 @@ def _at(sequence: list, frame: int):
 # ------------------------------------------------------------------------------ throughput
 
 
-def throughput(model_ms: float, batch: int, temporal: str, sequences: list, seconds: float,
+def standin(model_ms: float, size: int, device: torch.device):
+    """A model that sleeps ``model_ms`` per face; on a GPU its outputs are there, in float16."""
+    return build_restorer(f"standin-0+{model_ms:g}ms-{size}px", device=device, dtype=resolve_dtype("auto", device))
+
+
+def gpen(size: int, device: torch.device):
+    """GPEN-BFR-<size> with deterministic weights in the official layout, in the run dtype."""
+    name = f"GPEN-BFR-{size}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}-deterministic.pth"
+        torch.save(deterministic_state_dict(RELEASED_CONFIGS[name]), path)
+        return build_restorer(name, device=device, dtype=resolve_dtype("auto", device), weights=path)
+
+
+def throughput(restorer, batch: int, temporal: str, sequences: list, seconds: float,
                blender: type = TemporalBlender) -> float:
-    """Faces per second through one worker serving a stand-in model of ``model_ms`` per face."""
+    """Faces per second through one worker serving ``restorer``."""
     size = sequences[0][0][1].shape[0]
-    restorer = build_restorer(f"standin-0+{model_ms:g}ms-{size}px", device=torch.device("cpu"), dtype=torch.float32)
     context = zmq.Context.instance()
     worker = Worker({restorer.name: restorer}, batch=batch, batch_wait_ms=2, context=context,
-                    blender=blender(BLEND_MAX, BLEND_SIGMA))
+                    device=str(restorer.device), blender=blender(BLEND_MAX, BLEND_SIGMA))
     endpoint = worker.bind(f"inproc://bench-{uuid.uuid4().hex}")
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
@@ -135,25 +155,32 @@ def throughput(model_ms: float, batch: int, temporal: str, sequences: list, seco
 # ----------------------------------------------------------------------------------- blend
 
 
-def blend_ms(blender, sequences: list, batches: int) -> float:
+def blend_ms(blender, sequences: list, batches: int, device: torch.device = torch.device("cpu")) -> float:
     """ms per face of blending ``batches`` batches, one frame of every track in each, in a
     thread like the worker's blend thread."""
     threads = torch.get_num_threads()
     with ThreadPoolExecutor(max_workers=1, initializer=single_torch_thread) as blend_thread:
         blend_thread.submit(lambda: None).result()  # its initializer has run...
         torch.set_num_threads(threads)  # ...and changed the default for every other thread: put it back
-        return blend_thread.submit(_blend_ms, blender, sequences, batches).result()
+        return blend_thread.submit(_blend_ms, blender, sequences, batches, device).result()
 
 
-def _blend_ms(blender, sequences: list, batches: int) -> float:
+def _blend_ms(blender, sequences: list, batches: int, device: torch.device) -> float:
+    run_dtype = resolve_dtype("auto", device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     total = 0.0
     for step in range(2 + batches):  # two to warm up
         picked = [_at(seq, step) for seq in sequences]
-        inputs = torch.from_numpy(np.stack([crop for _, crop in picked]))
-        restored = inputs.clone()  # the identity restorer: blending costs the same
+        inputs = torch.from_numpy(np.stack([crop for _, crop in picked])).to(device)
+        # the identity restorer's outputs (blending costs the same), as a restorer leaves them: on a
+        # CPU uint8, on a GPU in the run dtype
+        restored = inputs.clone() if device.type == "cpu" else inputs.to(run_dtype)
         keys = [("peer", "bench", t) for t in range(len(sequences))]
+        sync()
         started = time.perf_counter()
-        blender.blend_batch(keys, [step] * len(keys), [a for a, _ in picked], inputs, restored, [False] * len(keys))
+        blender.blend_batch(keys, [step] * len(keys), [a for a, _ in picked], inputs, restored, [False] * len(keys),
+                            run_dtype=run_dtype)
+        sync()
         if step >= 2:
             total += time.perf_counter() - started
     return total / (batches * len(sequences)) * 1000
@@ -169,35 +196,59 @@ def main() -> None:
                     help="batches of 16 per blend measurement (4x as many batches of one face)")
     ap.add_argument("--blend-rounds", type=int, default=3, help="blend measurements of each blender, taken in turn")
     ap.add_argument("--threads", type=int, default=0, help="torch and OpenCV threads (default: theirs)")
+    ap.add_argument("--device", default="auto", help="auto (cuda where present), cpu, cuda, cuda:N")
+    ap.add_argument("--gpen", action="store_true", help="also the throughput with GPEN-BFR-512 as the model")
+    ap.add_argument("--profile", action="store_true",
+                    help="then torch's profile of the tensor blender at batch 1 (512 px): where a call's time goes")
     args = ap.parse_args()
+    device = resolve_device(args.device)
+    on_cpu = device.type == "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
         cv2.setNumThreads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OpenCV {cv2.__version__}, "
-          f"{cv2.getNumThreads()} threads; CPU")
+          f"{cv2.getNumThreads()} threads; " + ("CPU" if on_cpu else torch.cuda.get_device_name(device)))
 
-    sequences = [face_sequence(512, FRAMES, seed) for seed in range(TRACKS)] if args.latencies else []
-    if args.latencies:
-        print(f"\nworker throughput, faces/s ({TRACKS} tracks of 512 px faces, stand-in model, inproc://)")
-        print(f"{'model ms/face':>14}{'batch':>7}{'off':>9}{'full':>9}{'full/off':>10}{'full, ref':>11}")
-    for latency in args.latencies:
+    models = [(f"{latency:g} ms", standin(latency, 512, device)) for latency in args.latencies]
+    if args.gpen:
+        models.append(("GPEN-512", gpen(512, device)))
+    sequences = [face_sequence(512, FRAMES, seed) for seed in range(TRACKS)] if models else []
+    if models:
+        gpen_dtype = f", or GPEN-BFR-512 in {str(models[-1][1].dtype).removeprefix('torch.')}" if args.gpen else ""
+        print(f"\nworker throughput, faces/s ({TRACKS} tracks of 512 px faces, inproc://; model: a stand-in "
+              f"taking that long per face{gpen_dtype})")
+        print(f"{'model':>14}{'batch':>7}{'off':>9}{'full':>9}{'full/off':>10}" + (f"{'full, ref':>11}" if on_cpu else ""))
+    for label, restorer in models:
         for batch in args.batches:
-            off = throughput(latency, batch, "off", sequences, args.seconds)
-            full = throughput(latency, batch, "full", sequences, args.seconds)
-            ref = throughput(latency, batch, "full", sequences, args.seconds, ReferenceBlender)
-            print(f"{latency:>14g}{batch:>7}{off:>9.1f}{full:>9.1f}{full / off:>10.2f}{ref:>11.1f}", flush=True)
+            off = throughput(restorer, batch, "off", sequences, args.seconds)
+            full = throughput(restorer, batch, "full", sequences, args.seconds)
+            ref = f"{throughput(restorer, batch, 'full', sequences, args.seconds, ReferenceBlender):>11.1f}" if on_cpu else ""
+            print(f"{label:>14}{batch:>7}{off:>9.1f}{full:>9.1f}{full / off:>10.2f}{ref}", flush=True)
 
     print(f"\nblend, ms per face (batch 16, and one 512 px face per batch as at batch 1; median of "
-          f"{args.blend_rounds} rounds, taken in turn)")
+          f"{args.blend_rounds} rounds, taken in turn; the tensor blender on {device}, the reference on the CPU)")
     print(f"{'crop':>6}{'batch':>7}{'tensor':>9}{'reference':>11}{'ratio':>8}")
     for size, batch in ((256, 16), (512, 16), (512, 1)):
         sequences = [face_sequence(size, FRAMES, seed) for seed in range(batch)]
         batches = args.blend_batches if batch == 16 else args.blend_batches * 4  # at batch 1, 40 faces by default
-        rounds = [(blend_ms(TemporalBlender(BLEND_MAX, BLEND_SIGMA), sequences, batches),
-                   blend_ms(ReferenceBlender(BLEND_MAX, BLEND_SIGMA), sequences, batches))
+        rounds = [(blend_ms(TemporalBlender(BLEND_MAX, BLEND_SIGMA), sequences, batches, device),
+                   blend_ms(ReferenceBlender(BLEND_MAX, BLEND_SIGMA), sequences, batches))  # the reference: CPU only
                   for _ in range(args.blend_rounds)]
         tensor, reference = (statistics.median(times) for times in zip(*rounds))
         print(f"{size:>6}{batch:>7}{tensor:>9.2f}{reference:>11.2f}{reference / tensor:>8.2f}", flush=True)
+
+    if args.profile:
+        sequences = [face_sequence(512, FRAMES, 0)]
+        blender = TemporalBlender(BLEND_MAX, BLEND_SIGMA)
+        blend_ms(blender, sequences, 4, device)  # warm
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if not on_cpu else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            calls = 20
+            took = _blend_ms(blender, sequences, calls, device)  # in this thread: the profiler follows it
+        events = prof.key_averages()
+        print(f"\nprofile of {calls} blends of one 512 px face ({took:.2f} ms each): "
+              f"{sum(e.count for e in events if e.key.startswith('aten::')) / calls:.0f} aten ops per call")
+        print(events.table(sort_by="cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

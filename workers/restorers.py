@@ -128,13 +128,20 @@ class StandInRestorer(IdentityRestorer):
     crop, spent sleeping (so it costs no CPU). Named ``standin-<base>+<per crop>ms-<size>px``,
     e.g. ``standin-8+2ms-128px``: for benchmarks of scheduling and scaling, and for tests."""
 
-    def __init__(self, name: str, size: int, base_ms: float, per_crop_ms: float):
+    def __init__(self, name: str, size: int, base_ms: float, per_crop_ms: float,
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
         super().__init__(name, size)
         self.base_s, self.per_crop_s = base_ms / 1000, per_crop_ms / 1000
+        self.device, self.dtype = device, dtype
 
     def restore(self, crops: np.ndarray) -> np.ndarray:
         time.sleep(self.base_s + self.per_crop_s * len(crops))
         return crops.copy()
+
+    def restore_on_device(self, crops: np.ndarray) -> torch.Tensor:
+        """On a GPU, like a model there: the outputs on the device, in its run dtype."""
+        restored = torch.from_numpy(self.restore(crops))
+        return restored if self.device.type == "cpu" else restored.to(self.device).to(self.dtype)
 
 
 STANDIN = re.compile(r"^standin-(\d+(?:\.\d+)?)\+(\d+(?:\.\d+)?)ms-(\d+)px$")
@@ -174,7 +181,7 @@ def build_restorer(model: str, *, device: torch.device, dtype: torch.dtype,
     if model == IDENTITY:
         return IdentityRestorer(IDENTITY, IDENTITY_SIZE)
     if standin := STANDIN.match(model):
-        return StandInRestorer(model, int(standin[3]), float(standin[1]), float(standin[2]))
+        return StandInRestorer(model, int(standin[3]), float(standin[1]), float(standin[2]), device, dtype)
     if weights is None and model not in GPEN_SIZES:
         raise _unknown(model)
     from gpen.weights import WeightsError, locate

@@ -156,9 +156,34 @@ def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
     return array
 
 
+@functools.lru_cache(maxsize=16)
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small float32 constant on ``device``, copied there once (a copy per call would make
+    the host wait for the GPU each time; read only)."""
+    return to_device(torch.tensor(values, dtype=torch.float32), device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the host) on ``device``, the copy queued on the current stream: to a GPU
+    through pinned memory, since a copy from pageable memory can make the host wait for the
+    stream's queued work first."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _rows(indices: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """An index for ``indices`` along the first dimension: a slice where they are consecutive
+    (a view), else an index tensor on ``device`` (a Python list would be copied there and
+    waited for at each use)."""
+    if len(indices) and list(indices) == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return to_device(torch.tensor(indices, dtype=torch.long), device)
+
+
 def _thumbnails_torch(crops: torch.Tensor) -> torch.Tensor:
     x = F.interpolate(crops.permute(0, 3, 1, 2).float(), size=(LOWPASS_SIZE, LOWPASS_SIZE), mode="area")
-    taps = torch.as_tensor(_gaussian_taps(), dtype=torch.float32).to(crops.device)
+    taps = _constant(tuple(_gaussian_taps().tolist()), crops.device)
     pad = LOWPASS_TAPS // 2
     x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
     return F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), taps.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
@@ -176,8 +201,7 @@ def _kernels(tensor: torch.Tensor, kernels: bool) -> bool:
 def _gray(thumbs: torch.Tensor, kernels: bool) -> torch.Tensor:
     if _kernels(thumbs, kernels):  # one numba pass instead of two torch ones
         return torch.from_numpy(cpu_kernels.gray(thumbs.contiguous().numpy(), np.array(GRAY)))
-    weights = torch.tensor(GRAY, dtype=thumbs.dtype, device=thumbs.device).view(1, 3, 1, 1)
-    return (thumbs * weights).sum(dim=1, keepdim=True)
+    return (thumbs * _constant(GRAY, thumbs.device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -336,8 +360,10 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor, *, ker
         scores = torch.stack([torch.from_numpy(cpu_kernels.mean_abs_difference(prev.numpy(), cur.numpy())),
                               _residual(prev, cur, starts[:, 1], kernels)], dim=1)
     else:
-        scores = _residual(prev.repeat_interleave(k, 0), cur.repeat_interleave(k, 0), starts.flatten(0, 1),
-                           kernels).view(n, k)
+        def each_start(images: torch.Tensor) -> torch.Tensor:  # N*K, each image K times
+            return images.unsqueeze(1).expand(n, k, *images.shape[1:]).flatten(0, 1)
+
+        scores = _residual(each_start(prev), each_start(cur), starts.flatten(0, 1), kernels).view(n, k)
     start_score, best = scores.min(dim=1)
     start = starts[torch.arange(n, device=starts.device), best]
     theta = start
@@ -554,8 +580,8 @@ class TemporalBlender:
                 relative = to_norm @ prev_affine @ np.linalg.inv(affine[i]) @ from_norm
                 starts.append([np.eye(3), relative])
                 prev_low.append(lowpass[prev] if isinstance(prev, int) else prev.lowpass)
-            prev_low, cur_low = torch.stack(prev_low), lowpass[linked]
-            starts = torch.as_tensor(np.array(starts), dtype=torch.float32).to(device)
+            prev_low, cur_low = torch.stack(prev_low), lowpass[_rows(linked, device)]
+            starts = to_device(torch.as_tensor(np.array(starts), dtype=torch.float32), device)
 
             def align(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
                 theta = register(prev_low[part], cur_low[part], starts[part], kernels=per_crop)
@@ -601,9 +627,13 @@ class TemporalBlender:
 
                 self._split(blend_part, len(pieces), parallel=True)
             elif chained:
-                rows = [row[i] for i in chained]
-                blended = _blend_batched(torch.stack(previous), theta[rows], weight[rows], restored[chained], dtype)
-                rounded[chained] = (blended.float() + 0.5).clamp_(0, 255).to(torch.uint8)  # blended is the state
+                rows, crops = _rows([row[i] for i in chained], device), _rows(chained, device)
+                blended = _blend_batched(torch.stack(previous), theta[rows], weight[rows], restored[crops], dtype)
+                whole = (blended.float() + 0.5).clamp_(0, 255).to(torch.uint8)  # blended is the state
+                if isinstance(crops, slice):
+                    rounded[crops] = whole
+                else:
+                    rounded.index_copy_(0, crops, whole)
                 for j, i in enumerate(chained):
                     outputs[i] = blended[j].clone(memory_format=torch.contiguous_format)
 

@@ -25,7 +25,7 @@ import zmq
 from workers import metrics, wire
 from workers.restorers import Restorer
 from workers.batching import take_batch
-from workers.temporal import TemporalBlender
+from workers.temporal import TemporalBlender, to_device
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class _Batch:
     restorer: Restorer
     items: list[_Pending]
     keys: list[tuple]  # (peer, job, track) per crop
-    modelled: Future  # the model thread is done with it: -> (input crops, restored crops)
+    modelled: Future  # the model thread is done with it: -> (input crops, restored crops, their CUDA event or None)
     outcome: Future  # the blend thread is done with it: -> (N x S x S x 3 uint8 outputs, {index: why it failed})
 
 
@@ -104,6 +104,10 @@ class Worker:
                                                 initializer=single_torch_thread)
         self._blend_thread.submit(lambda: None).result()  # its initializer has run...
         torch.set_num_threads(threads)  # ...and changed the process-wide default: put it back
+        # on a GPU the blend thread queues its work on a stream of its own: its one wait for the
+        # GPU (the outputs' copy to the host) then waits for its own work only, not for the next
+        # batch the model thread has queued meanwhile (on one stream that wait took the model's)
+        self._blend_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._batches: deque[_Batch] = deque()  # oldest first
         self._model_s: dict[str, float] = {}  # per model: how long a batch took lately (moving average)
         self._model_ran: dict[str, float] = {}  # per model: time.monotonic() when a batch last finished
@@ -336,8 +340,10 @@ class Worker:
             stage.add_done_callback(lambda _: self._wake.send(b"\0"))
         return _Batch(restorer, items, keys, modelled, outcome)
 
-    def _run_model(self, restorer: Restorer, pixels: list[np.ndarray]) -> tuple[np.ndarray, torch.Tensor]:
-        """In the model thread: the input crops (host) and the restored ones (on the model's device)."""
+    def _run_model(self, restorer: Restorer, pixels: list[np.ndarray]
+                   ) -> tuple[np.ndarray, torch.Tensor, torch.cuda.Event | None]:
+        """In the model thread: the input crops (host), the restored ones (on the model's device)
+        and, on a GPU, an event that marks them done there (the model's work is only queued)."""
         batch = np.stack(pixels)
         load = getattr(restorer, "load", None)
         if load is not None:  # a model loaded on demand: the load is not the run (deadlines are judged by the run)
@@ -348,14 +354,38 @@ class Worker:
         metrics.MODEL_SECONDS.labels(model=restorer.name).observe(took)
         self._model_s[restorer.name] = 0.7 * self._model_s.get(restorer.name, took) + 0.3 * took
         self._model_ran[restorer.name] = time.monotonic()
-        return batch, restored
+        ready = None
+        if restored.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(restored.device))
+        return batch, restored, ready
+
+    def _blend_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The blend thread's CUDA stream on ``device`` (None off a GPU)."""
+        if device.type != "cuda":
+            return None
+        if device not in self._blend_streams:
+            self._blend_streams[device] = torch.cuda.Stream(device)
+        return self._blend_streams[device]
 
     def _blend(self, restorer: Restorer, crops: list[wire.Crop], keys: list[tuple],
                modelled: Future) -> tuple[np.ndarray, dict[int, str]]:
         """In the blend thread, once the model is done with the batch (its error is this one's):
         one temporal blend for all the crops that ask for it, on the model's device. Returns the
         uint8 outputs and, for crops that failed, why."""
-        batch, restored = modelled.result()
+        batch, restored, ready = modelled.result()
+        stream = self._blend_stream(restored.device)
+        if stream is None:
+            return self._blend_here(crops, keys, batch, restored, restorer.dtype)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)  # the model's outputs, done on its stream
+            restored.record_stream(stream)  # their memory is not reused before this stream is done with them
+            return self._blend_here(crops, keys, batch, restored, restorer.dtype)
+
+    def _blend_here(self, crops: list[wire.Crop], keys: list[tuple], batch: np.ndarray, restored: torch.Tensor,
+                    run_dtype: torch.dtype) -> tuple[np.ndarray, dict[int, str]]:
+        """_blend on the current stream. Its only wait for a GPU is the copy of the outputs to
+        the host at the end (copies to it are queued: workers.temporal.to_device)."""
         outputs = restored.to(torch.uint8)  # whole numbers already
         full = [i for i, c in enumerate(crops) if c.temporal == "full"]
         for i, c in enumerate(crops):
@@ -364,12 +394,14 @@ class Worker:
         failed = {}
         if full:
             try:
+                every = len(full) == len(crops)
+                on_device = to_device(torch.from_numpy(batch if every else batch[full]), restored.device)
+                where = to_device(torch.tensor(full), restored.device)
                 blended = self.blender.blend_batch(
                     [keys[i] for i in full], [crops[i].frame for i in full], [crops[i].affine for i in full],
-                    torch.from_numpy(batch if len(full) == len(crops) else batch[full]).to(restored.device),
-                    restored[full], [crops[i].reset for i in full], run_dtype=restorer.dtype)
-                outputs = blended if len(full) == len(crops) else outputs.index_copy(
-                    0, torch.tensor(full, device=outputs.device), blended)
+                    on_device, restored if every else restored.index_select(0, where), [crops[i].reset for i in full],
+                    run_dtype=run_dtype)
+                outputs = blended if every else outputs.index_copy(0, where, blended)
             except Exception as exc:  # blending must not take the worker down, nor the other crops
                 log.exception("temporal blending failed for a batch of %d crops", len(full))
                 for i in full:

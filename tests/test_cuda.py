@@ -1,0 +1,152 @@
+"""What runs differently on a GPU: GPEN in float16 there, the memory model read from CUDA's
+allocator, and a worker whose model outputs and temporal state stay on the GPU. Skipped where
+no GPU is present (run on a lent one: bench/gpu.sh)."""
+
+import threading
+import uuid
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from gpen import RELEASED_CONFIGS, load_generator
+from gpen.testing import deterministic_input, deterministic_state_dict
+from streamer.faces.align import alignment
+from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut
+from workers import wire
+from workers.budget import calibrate, peak_during, weights_bytes
+from workers.restorers import build_restorer
+from workers.temporal import TemporalBlender
+from workers.worker import Worker
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+GPU = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def state256():
+    return deterministic_state_dict(RELEASED_CONFIGS["GPEN-BFR-256"])
+
+
+@pytest.mark.parametrize("dtype, mean_tol, max_tol", [(torch.float32, 2e-3, 3e-2), (torch.float16, 5e-3, 6e-2)])
+def test_gpen_on_the_gpu_matches_float32_on_the_cpu(state256, dtype, mean_tol, max_tol):
+    """float32 there may use TF32 convolutions; float16 keeps the latent path in float32."""
+    x = deterministic_input(2, 256, seed=3)
+    with torch.inference_mode():
+        ref = load_generator(state256)(x)
+        out = load_generator(state256, device=GPU, dtype=dtype)(x.to(GPU)).float().cpu()
+    diff = (out - ref).abs()
+    print(f"GPEN-BFR-256 cuda {dtype} vs cpu float32: mean {diff.mean():.2e}, max {diff.max():.2e}")
+    assert torch.isfinite(out).all()
+    assert diff.mean() < mean_tol and diff.max() < max_tol, (diff.mean(), diff.max())
+
+
+def test_the_memory_model_from_cudas_allocator_covers_a_larger_batch(gpen256_weights):
+    """Calibrated at batch 4, the model's figure for batch 16 must not fall short of the peak
+    CUDA's allocator reports for it (a short figure would let a lease overcommit the GPU)."""
+    restorer = build_restorer("GPEN-BFR-256", device=GPU, dtype=torch.float16, weights=gpen256_weights)
+    model = calibrate(restorer, GPU, weights=weights_bytes(restorer.model), batch=4)
+    crops = np.zeros((16, 256, 256, 3), np.uint8)
+    peak = peak_during(lambda: restorer.restore(crops), GPU)
+    predicted = model.needed(16) - model.weights
+    print(f"batch 16: peak {peak / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB "
+          f"(per crop {model.per_crop / 2**20:.1f} MiB, workspace {model.workspace / 2**20:.0f} MiB)")
+    assert model.per_crop > 0
+    assert peak <= predicted * 1.05
+    assert peak >= predicted * 0.5  # and not so generous that the budget is wasted
+
+
+def _crops(frames: int, shift_px: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(affine, 256 px crop) per frame of a face drifting by ``shift_px`` a frame."""
+    rng = np.random.default_rng(seed)
+    image = astronaut()
+    out = []
+    for t in range(frames):
+        shift = np.array([shift_px * t, 0.5 * t])
+        affine = alignment(ASTRONAUT_LANDMARKS + shift + rng.normal(0, 1.0, ASTRONAUT_LANDMARKS.shape), 256)
+        moved = cv2.warpAffine(image, np.float64([[1, 0, shift[0]], [0, 1, shift[1]]]), image.shape[1::-1],
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        out.append((affine, cv2.warpAffine(moved, affine, (256, 256), flags=cv2.INTER_CUBIC)))
+    return out
+
+
+def _restore_tracks(restorer, tracks: list) -> tuple[dict, list]:
+    """Every frame of every track through a worker serving ``restorer`` with temporal blending;
+    returns {(track, frame): restored crop} and the blender's track states at the end."""
+    context = zmq.Context.instance()
+    worker = Worker({restorer.name: restorer}, batch=4, batch_wait_ms=20, context=context,
+                    device=str(restorer.device), blender=TemporalBlender(0.85, 0.03))
+    endpoint = worker.bind(f"inproc://cuda-{uuid.uuid4().hex}")
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    dealer.send_multipart(wire.encode(wire.Hello(job="gpu")))
+    results = {}
+    try:
+        assert dealer.poll(60000) and wire.decode(dealer.recv_multipart())[0].kind == "credit"
+        for frame in range(len(tracks[0])):  # a frame of every track, then wait: each blend sees the last
+            for track, sequence in enumerate(tracks):
+                affine, crop = sequence[frame]
+                header = wire.Crop(job="gpu", frame=frame, track=track, face=0, model=restorer.name, size=256,
+                                   shape=crop.shape, affine=tuple(map(tuple, affine.tolist())), temporal="full")
+                dealer.send_multipart(wire.encode(header, crop))
+            while len(results) < (frame + 1) * len(tracks):
+                assert dealer.poll(60000), "no reply"
+                header, pixels = wire.decode(dealer.recv_multipart())
+                assert header.kind in ("credit", "result"), header
+                if header.kind == "result":
+                    results[(header.track, header.frame)] = pixels.copy()
+        states = list(worker.blender._tracks.values())
+    finally:
+        dealer.close(linger=0)
+        worker.stop_event.set()
+        thread.join(30)
+    return results, states
+
+
+def test_a_gpu_worker_blends_on_the_gpu_and_matches_a_cpu_worker(gpen256_weights):
+    tracks = [_crops(4, 1.0, seed) for seed in range(3)]
+    gpu = build_restorer("GPEN-BFR-256", device=GPU, dtype=torch.float16, weights=gpen256_weights)
+    cpu = build_restorer("GPEN-BFR-256", device=torch.device("cpu"), dtype=torch.float32, weights=gpen256_weights)
+    on_gpu, states = _restore_tracks(gpu, tracks)
+    on_cpu, _ = _restore_tracks(cpu, tracks)
+    assert len(states) == len(tracks)
+    assert all(s.output.is_cuda and s.lowpass.is_cuda and s.output.dtype == torch.float16 for s in states)
+    assert on_gpu.keys() == on_cpu.keys()
+    diffs = np.array([np.abs(on_gpu[k].astype(np.float32) - on_cpu[k]).mean() for k in sorted(on_cpu)])
+    print(f"GPU worker (float16) vs CPU worker (float32), mean |diff| per crop: {np.round(diffs, 3).tolist()}")
+    assert diffs.max() < 1.5  # grey levels out of 255: rounding and fp16, not a different blend
+
+
+def test_a_blend_on_the_gpu_never_makes_the_host_wait():
+    """torch's sync debug mode raises at any operation that waits for the GPU: a blend queues
+    its work and returns (the worker's one wait is the copy of its outputs to the host), so the
+    blend thread never waits for the model's next batch queued meanwhile. The batches cover
+    new tracks, stored states, a track's two frames in one batch and crops picked out of order."""
+    crops = _crops(4, 1.0, seed=1)
+    inputs = torch.from_numpy(np.stack([c for _, c in crops])).to(GPU)
+    restored = inputs.half()
+    affines = [a for a, _ in crops]
+    blender = TemporalBlender(0.85, 0.03)
+    batches = [  # (track, frame) per crop
+        [(0, 0), (1, 0)],
+        [(0, 1), (0, 2), (1, 1), (2, 0)],
+        [(2, 1), (0, 3), (1, 2)],
+    ]
+    calls = []
+    for batch in batches:  # the test's own indexing on the GPU, before the check
+        picked = [frame for _, frame in batch]
+        calls.append(([("p", "j", track) for track, _ in batch], picked, [affines[f] for f in picked],
+                      inputs[picked].contiguous(), restored[picked].contiguous(), [False] * len(batch)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for args in calls:
+            out = blender.blend_batch(*args, run_dtype=torch.float16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.is_cuda and out.shape == (3, 256, 256, 3)
+    assert len(blender) == 3
