@@ -227,15 +227,19 @@ def main() -> None:
 
     print(f"\nblend, ms per face (batch 16, and one 512 px face per batch as at batch 1; median of "
           f"{args.blend_rounds} rounds, taken in turn; the tensor blender on {device}, the reference on the CPU)")
-    print(f"{'crop':>6}{'batch':>7}{'tensor':>9}{'reference':>11}{'ratio':>8}")
+    eager = not on_cpu  # on a GPU also the tensor blender without CUDA graphs
+    print(f"{'crop':>6}{'batch':>7}{'tensor':>9}{'reference':>11}{'ratio':>8}" + (f"{'eager':>9}" if eager else ""))
     for size, batch in ((256, 16), (512, 16), (512, 1)):
         sequences = [face_sequence(size, FRAMES, seed) for seed in range(batch)]
         batches = args.blend_batches if batch == 16 else args.blend_batches * 4  # at batch 1, 40 faces by default
         rounds = [(blend_ms(TemporalBlender(BLEND_MAX, BLEND_SIGMA), sequences, batches, device),
-                   blend_ms(ReferenceBlender(BLEND_MAX, BLEND_SIGMA), sequences, batches))  # the reference: CPU only
+                   blend_ms(ReferenceBlender(BLEND_MAX, BLEND_SIGMA), sequences, batches),  # the reference: CPU only
+                   blend_ms(TemporalBlender(BLEND_MAX, BLEND_SIGMA, cuda_graphs=False), sequences, batches, device)
+                   if eager else 0.0)
                   for _ in range(args.blend_rounds)]
-        tensor, reference = (statistics.median(times) for times in zip(*rounds))
-        print(f"{size:>6}{batch:>7}{tensor:>9.2f}{reference:>11.2f}{reference / tensor:>8.2f}", flush=True)
+        tensor, reference, eager_ms = (statistics.median(times) for times in zip(*rounds))
+        print(f"{size:>6}{batch:>7}{tensor:>9.2f}{reference:>11.2f}{reference / tensor:>8.2f}"
+              + (f"{eager_ms:>9.2f}" if eager else ""), flush=True)
 
     if args.profile:
         sequences = [face_sequence(512, FRAMES, 0)]

@@ -24,7 +24,8 @@ crop's edges, grid_sample's ``align_corners=False``), so one matrix serves the t
 the full crop. Registration and the change map are batched tensor maths in float32 whatever
 the model runs in (sums of squared gradients overflow float16). The full-size work (thumbnail,
 warp of the previous output, blend) is batched torch on a GPU, in float16 where the model runs
-in float16; on a CPU it goes crop by crop through OpenCV and, for the bicubic warp, our own
+in float16, and registration and change map replay there as one CUDA graph per batch size
+(AlignGraphs: eagerly they are hundreds of small kernels a face); on a CPU it goes crop by crop through OpenCV and, for the bicubic warp, our own
 numba kernel (workers.cpu_kernels: OpenCV's warp, 1.1-3x faster depending on the CPU and
 the motion), which are several times faster there than torch's batched maths, and the batch is
 split over ``cpu_threads`` threads (the caller's and helpers'), torch on one thread in each: by
@@ -40,6 +41,7 @@ A track's state is dropped on ``reset`` (scene cut, new worker), when frames wer
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import threading
@@ -56,6 +58,8 @@ import torch.nn.functional as F
 from workers import cpu_kernels
 from workers.cpu_kernels import normal_equations, warp_blend
 
+log = logging.getLogger(__name__)
+
 LOWPASS_SIZE = 128  # motion and change are measured on a 128x128 thumbnail of the crop
 LOWPASS_TAPS, LOWPASS_SIGMA = 5, 1.0  # the thumbnail's Gaussian low-pass
 MAX_FRAME_GAP = 2  # a track that skipped more frames than this starts afresh
@@ -69,6 +73,7 @@ GRAY = (0.299, 0.587, 0.114)  # RGB -> luma, for registration
 REGISTER_LEVELS = ((LOWPASS_SIZE // 4, 1), (LOWPASS_SIZE // 2, 1), (LOWPASS_SIZE, 2))
 DAMPING = 1e-6  # added to the normal matrix's diagonal, relative and absolute: flat images solve to 0
 MIN_GAIN = 0.1  # below this the two thumbnails barely correlate: bound the step (it is checked anyway)
+MAX_GRAPHED = 64  # on a GPU, batches of up to this many registrations run as CUDA graphs (one per size)
 
 
 @dataclass
@@ -449,6 +454,56 @@ def _blend_batched(previous: torch.Tensor, theta: torch.Tensor, weight: torch.Te
     return blended.permute(0, 2, 3, 1)
 
 
+class AlignGraphs:
+    """On a GPU, ``align`` (registration and change map of N thumbnail pairs) as one CUDA graph
+    per N, captured on first use and replayed after: eagerly a batch of one face launched ~260
+    kernels through ~1100 torch ops, 5 ms of the host's time for 0.5 ms of the GPU's (an H200,
+    bench/worker.py --profile), time a worker's model thread then waited for (the GIL). Where
+    capture fails, the eager ops from then on on that device, said once in the log."""
+
+    def __init__(self, align: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+        self._align = align  # (prev, cur, starts) -> (theta, weight); fixed shapes for a given N
+        self._graphs: dict[tuple, tuple] = {}  # (device, N) -> (static inputs, static outputs, graph)
+        self._failed: set[torch.device] = set()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device, n = prev.device, prev.shape[0]
+        if device.type != "cuda" or device in self._failed or n > MAX_GRAPHED:
+            return self._align(prev, cur, starts)
+        entry = self._graphs.get((device, n))
+        if entry is None:
+            try:
+                entry = self._graphs[(device, n)] = self._capture(prev, cur, starts)
+            except RuntimeError as exc:
+                self._failed.add(device)
+                log.warning("temporal blending on %s runs without CUDA graphs: capture failed (%s)", device, exc)
+                return self._align(prev, cur, starts)
+        inputs, outputs, graph = entry
+        for static, given in zip(inputs, (prev, cur, starts)):
+            static.copy_(given)
+        graph.replay()
+        return tuple(t.clone() for t in outputs)  # the next replay overwrites the static outputs
+
+    def _capture(self, prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor) -> tuple:
+        inputs = tuple(t.clone() for t in (prev, cur, starts))
+        # two eager runs on a side stream first, as torch asks: libraries set up their handles
+        # and workspaces, and the cached constants are made, outside the capture
+        here, side = torch.cuda.current_stream(prev.device), torch.cuda.Stream(prev.device)
+        side.wait_stream(here)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._align(*inputs)
+        here.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread-local: the worker's model thread goes on meanwhile, on its own stream
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = self._align(*inputs)
+        return inputs, outputs, graph
+
+
 def _one_torch_thread() -> None:
     """A blend helper thread's initializer: torch runs this thread's CPU work on the thread
     itself (the helpers already split the batch; OpenMP threads inside each small op would only
@@ -466,9 +521,11 @@ class TemporalBlender:
     tracks while its model thread blends: the state table is locked, the maths is not."""
 
     def __init__(self, blend_max: float, blend_sigma: float, max_bytes: int = 1 << 30, *, opencv_on_cpu: bool = True,
-                 cpu_threads: int = min(2, os.cpu_count() or 1)):
+                 cpu_threads: int = min(2, os.cpu_count() or 1), cuda_graphs: bool = True):
         self.blend_max = blend_max
         self.blend_sigma = blend_sigma
+        # on a GPU registration and change map run as CUDA graphs (False: the eager torch ops)
+        self._aligned = AlignGraphs(self._align) if cuda_graphs else self._align
         self.max_bytes = max_bytes
         # on a CPU the full-size work goes crop by crop through OpenCV; False runs there what a
         # GPU runs, batched torch (slower on a CPU: for comparing the two)
@@ -500,6 +557,12 @@ class TemporalBlender:
         finally:  # the helpers' parts end before anything else happens, even on an error here
             results = [f.result() for f in helped]
         return [mine, *results]
+
+    def _align(self, prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor, kernels: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Warps (register) and the previous outputs' weights (change_weight) for pairs of thumbnails."""
+        theta = register(prev, cur, starts, kernels=kernels)
+        return theta, change_weight(prev, cur, theta, self.blend_max, self.blend_sigma, kernels=kernels)
 
     def hold(self, keys: Sequence[tuple]) -> None:
         """Tracks whose crops are in the model: dropping them (end of track, bye) waits for
@@ -583,12 +646,13 @@ class TemporalBlender:
             prev_low, cur_low = torch.stack(prev_low), lowpass[_rows(linked, device)]
             starts = to_device(torch.as_tensor(np.array(starts), dtype=torch.float32), device)
 
-            def align(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-                theta = register(prev_low[part], cur_low[part], starts[part], kernels=per_crop)
-                return theta, change_weight(prev_low[part], cur_low[part], theta, self.blend_max, self.blend_sigma,
-                                            kernels=per_crop)
+            if per_crop:  # split over the threads
+                def align(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                    return self._align(prev_low[part], cur_low[part], starts[part], kernels=True)
 
-            theta, weight = (torch.cat(parts) for parts in zip(*self._split(align, len(linked), per_crop)))
+                theta, weight = (torch.cat(parts) for parts in zip(*self._split(align, len(linked), True)))
+            else:
+                theta, weight = self._aligned(prev_low, cur_low, starts)
             row = {i: j for j, i in enumerate(linked)}
             if per_crop:
                 theta_host, weight_host = theta.double().numpy(), weight.numpy()
