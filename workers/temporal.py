@@ -25,9 +25,10 @@ the full crop. Registration and the change map are batched tensor maths in float
 the model runs in (sums of squared gradients overflow float16). The full-size work (thumbnail,
 warp of the previous output, blend) is batched torch on a GPU, in float16 where the model runs
 in float16, and registration and change map replay there as one CUDA graph per batch size
-(AlignGraphs: eagerly they are hundreds of small kernels a face); on a CPU it goes crop by crop through OpenCV and, for the bicubic warp, our own
-numba kernel (workers.cpu_kernels: OpenCV's warp, 1.1-3x faster depending on the CPU and
-the motion), which are several times faster there than torch's batched maths, and the batch is
+(AlignGraphs: eagerly they are hundreds of small kernels a face). On a CPU the full-size work
+goes crop by crop through OpenCV and, for the bicubic warp, our own numba kernel
+(workers.cpu_kernels: OpenCV's warp, 1.1-3x faster depending on the CPU and the motion),
+which are several times faster there than torch's batched maths, and the batch is
 split over ``cpu_threads`` threads (the caller's and helpers'), torch on one thread in each: by
 crops, or by bands of rows where the crops do not divide among the threads (a batch of one).
 On a CPU the registration's small solves go through numpy, whose ops on 8x8 arrays cost a
