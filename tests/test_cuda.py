@@ -72,9 +72,11 @@ def _crops(frames: int, shift_px: float, seed: int) -> list[tuple[np.ndarray, np
     return out
 
 
-def _restore_tracks(restorer, tracks: list) -> tuple[dict, list]:
-    """Every frame of every track through a worker serving ``restorer`` with temporal blending;
-    returns {(track, frame): restored crop} and the blender's track states at the end."""
+def _restore_tracks(restorer, tracks: list, modes: list[str]) -> tuple[dict, list, int]:
+    """Every frame of every track through a worker serving ``restorer``, track t with temporal
+    mode ``modes[t]``, every credit kept in use (so the model runs a batch while the last one is
+    blended, and a track's consecutive frames can share a batch). Returns {(track, frame):
+    restored crop}, the blender's track states at the end and its number of CUDA graphs."""
     context = zmq.Context.instance()
     worker = Worker({restorer.name: restorer}, batch=4, batch_wait_ms=20, context=context,
                     device=str(restorer.device), blender=TemporalBlender(0.85, 0.03))
@@ -84,38 +86,55 @@ def _restore_tracks(restorer, tracks: list) -> tuple[dict, list]:
     dealer = context.socket(zmq.DEALER)
     dealer.connect(endpoint)
     dealer.send_multipart(wire.encode(wire.Hello(job="gpu")))
-    results = {}
+    unsent = [(track, frame) for frame in range(len(tracks[0])) for track in range(len(tracks))]
+    crops, results = len(unsent), {}
+
+    def send(track: int, frame: int) -> None:
+        affine, crop = tracks[track][frame]
+        header = wire.Crop(job="gpu", frame=frame, track=track, face=0, model=restorer.name, size=256,
+                           shape=crop.shape, affine=tuple(map(tuple, affine.tolist())), temporal=modes[track])
+        dealer.send_multipart(wire.encode(header, crop))
+
     try:
-        assert dealer.poll(60000) and wire.decode(dealer.recv_multipart())[0].kind == "credit"
-        for frame in range(len(tracks[0])):  # a frame of every track, then wait: each blend sees the last
-            for track, sequence in enumerate(tracks):
-                affine, crop = sequence[frame]
-                header = wire.Crop(job="gpu", frame=frame, track=track, face=0, model=restorer.name, size=256,
-                                   shape=crop.shape, affine=tuple(map(tuple, affine.tolist())), temporal="full")
-                dealer.send_multipart(wire.encode(header, crop))
-            while len(results) < (frame + 1) * len(tracks):
-                assert dealer.poll(60000), "no reply"
-                header, pixels = wire.decode(dealer.recv_multipart())
-                assert header.kind in ("credit", "result"), header
-                if header.kind == "result":
-                    results[(header.track, header.frame)] = pixels.copy()
+        while len(results) < crops:
+            assert dealer.poll(60000), "no reply"
+            header, pixels = wire.decode(dealer.recv_multipart())
+            if header.kind == "credit":
+                for _ in range(min(header.credits, len(unsent))):
+                    send(*unsent.pop(0))
+                continue
+            assert header.kind == "result", header
+            results[(header.track, header.frame)] = pixels.copy()
+            if unsent:
+                send(*unsent.pop(0))  # a result returns its credit
         states = list(worker.blender._tracks.values())
+        graphs = len(worker.blender._aligned) if hasattr(worker.blender._aligned, "__len__") else 0
     finally:
         dealer.close(linger=0)
         worker.stop_event.set()
         thread.join(30)
-    return results, states
+    return results, states, graphs
 
 
 def test_a_gpu_worker_blends_on_the_gpu_and_matches_a_cpu_worker(gpen256_weights):
+    """Three tracks blended and a fourth, the first's crops again, with temporal off: the GPU
+    worker (float16, its blend on a stream of its own, graphs captured before it served) gives
+    what the CPU worker gives, and blending changed the first track's later frames."""
     tracks = [_crops(4, 1.0, seed) for seed in range(3)]
+    tracks.append(tracks[0])
+    modes = ["full", "full", "full", "off"]
     gpu = build_restorer("GPEN-BFR-256", device=GPU, dtype=torch.float16, weights=gpen256_weights)
     cpu = build_restorer("GPEN-BFR-256", device=torch.device("cpu"), dtype=torch.float32, weights=gpen256_weights)
-    on_gpu, states = _restore_tracks(gpu, tracks)
-    on_cpu, _ = _restore_tracks(cpu, tracks)
-    assert len(states) == len(tracks)
+    on_gpu, states, graphs = _restore_tracks(gpu, tracks, modes)
+    on_cpu, _, _ = _restore_tracks(cpu, tracks, modes)
+    assert len(states) == 3
     assert all(s.output.is_cuda and s.lowpass.is_cuda and s.output.dtype == torch.float16 for s in states)
-    assert on_gpu.keys() == on_cpu.keys()
+    assert graphs == 4  # one per batch size up to the worker's 4, all captured at its start
+    assert on_gpu.keys() == on_cpu.keys() == {(t, f) for t in range(4) for f in range(4)}
+    for results in (on_gpu, on_cpu):
+        assert np.array_equal(results[(0, 0)], results[(3, 0)])  # a first frame has nothing to blend with
+        blended = [np.abs(results[(0, f)].astype(np.float32) - results[(3, f)]).mean() for f in range(1, 4)]
+        assert min(blended) > 0.2, blended
     diffs = np.array([np.abs(on_gpu[k].astype(np.float32) - on_cpu[k]).mean() for k in sorted(on_cpu)])
     print(f"GPU worker (float16) vs CPU worker (float32), mean |diff| per crop: {np.round(diffs, 3).tolist()}")
     assert diffs.max() < 1.5  # grey levels out of 255: rounding and fp16, not a different blend

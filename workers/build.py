@@ -62,7 +62,7 @@ def build_worker(models: Iterable[str], settings: WorkerSettings, *, device: str
         cpu_kernels.warm_up()
     return Worker(restorers, batch=batch, batch_wait_ms=settings.batch_wait_ms, credits=settings.credits,
                   device=str(dev), context=context, worker_id=worker_id, residency=residency,
-                  blender=TemporalBlender(settings.blend_max, settings.blend_sigma))
+                  blender=TemporalBlender(settings.blend_max, settings.blend_sigma, cuda_graphs=settings.cuda_graphs))
 
 
 def _locate(name: str, settings: WorkerSettings, allow_download: bool) -> None:

@@ -74,7 +74,8 @@ GRAY = (0.299, 0.587, 0.114)  # RGB -> luma, for registration
 REGISTER_LEVELS = ((LOWPASS_SIZE // 4, 1), (LOWPASS_SIZE // 2, 1), (LOWPASS_SIZE, 2))
 DAMPING = 1e-6  # added to the normal matrix's diagonal, relative and absolute: flat images solve to 0
 MIN_GAIN = 0.1  # below this the two thumbnails barely correlate: bound the step (it is checked anyway)
-MAX_GRAPHED = 64  # on a GPU, batches of up to this many registrations run as CUDA graphs (one per size)
+MAX_GRAPHED = 32  # on a GPU, batches of up to this many registrations run as CUDA graphs (one per size);
+# beyond it the eager ops' launches are spread over enough faces
 
 
 @dataclass
@@ -162,10 +163,10 @@ def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
     return array
 
 
-@functools.lru_cache(maxsize=16)
+@functools.cache
 def _constant(values: tuple, device: torch.device) -> torch.Tensor:
     """A small float32 constant on ``device``, copied there once (a copy per call would make
-    the host wait for the GPU each time; read only)."""
+    the host wait for the GPU each time; read only; kept for good: CUDA graphs hold its address)."""
     return to_device(torch.tensor(values, dtype=torch.float32), device)
 
 
@@ -210,10 +211,11 @@ def _gray(thumbs: torch.Tensor, kernels: bool) -> torch.Tensor:
     return (thumbs * _constant(GRAY, thumbs.device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache
 def _centres(side: int, device: torch.device) -> torch.Tensor:
     """Normalised coordinates of the pixel centres along one axis (cached: a registration asks
-    ten times per batch, and a batch of one face felt each torch op; read only)."""
+    ten times per batch, and a batch of one face felt each torch op; read only; kept for good:
+    CUDA graphs hold its address)."""
     return (torch.arange(side, dtype=torch.float32, device=device) * 2 + 1) / side - 1
 
 
@@ -457,31 +459,45 @@ def _blend_batched(previous: torch.Tensor, theta: torch.Tensor, weight: torch.Te
 
 class AlignGraphs:
     """On a GPU, ``align`` (registration and change map of N thumbnail pairs) as one CUDA graph
-    per N, captured on first use and replayed after: eagerly a batch of one face launched ~260
-    kernels through ~1100 torch ops, 5 ms of the host's time for 0.5 ms of the GPU's (an H200,
-    bench/worker.py --profile), time a worker's model thread then waited for (the GIL). Where
-    capture fails, the eager ops from then on on that device, said once in the log."""
+    per N, replayed: eagerly a batch of one face launched ~260 kernels through ~1100 torch ops,
+    5 ms of the host's time for 0.5 ms of the GPU's (an H200, bench/worker.py --profile), time a
+    worker's model thread then waited for (the GIL).
+
+    Capturing synchronises the device and empties torch's cache of freed blocks, and no other
+    thread may empty it meanwhile (a model unloading, an out-of-memory retry), so a worker
+    captures every N it can meet before it serves (``prepare``); outside a worker the first
+    call of an N captures it. A failed capture can leave torch's allocator in a state it does
+    not recover from, so it is an error, not a silent fallback: worker.cuda_graphs: false runs
+    the eager ops instead. The graphs of a device share one memory pool (they replay one at a
+    time, on one thread, and their outputs are copied out at once)."""
 
     def __init__(self, align: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
         self._align = align  # (prev, cur, starts) -> (theta, weight); fixed shapes for a given N
         self._graphs: dict[tuple, tuple] = {}  # (device, N) -> (static inputs, static outputs, graph)
-        self._failed: set[torch.device] = set()
+        self._pools: dict[torch.device, tuple] = {}  # device -> its graphs' memory pool
 
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def prepare(self, device: torch.device, most: int) -> None:
+        """Capture the graphs for 1..``most`` pairs on ``device`` now (a no-op off a GPU)."""
+        if device.type != "cuda":
+            return
+        device = _indexed(device)
+        with torch.cuda.device(device):
+            for n in range(1, min(most, MAX_GRAPHED) + 1):
+                if (device, n) not in self._graphs:
+                    thumbs = torch.zeros((n, 3, LOWPASS_SIZE, LOWPASS_SIZE), device=device)
+                    self._graphs[(device, n)] = self._capture(thumbs, thumbs, torch.eye(3, device=device).expand(n, 2, 3, 3))
+
     def __call__(self, prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device, n = prev.device, prev.shape[0]
-        if device.type != "cuda" or device in self._failed or n > MAX_GRAPHED:
+        if device.type != "cuda" or n > MAX_GRAPHED:
             return self._align(prev, cur, starts)
         entry = self._graphs.get((device, n))
         if entry is None:
-            try:
+            with torch.cuda.device(device):
                 entry = self._graphs[(device, n)] = self._capture(prev, cur, starts)
-            except RuntimeError as exc:
-                self._failed.add(device)
-                log.warning("temporal blending on %s runs without CUDA graphs: capture failed (%s)", device, exc)
-                return self._align(prev, cur, starts)
         inputs, outputs, graph = entry
         for static, given in zip(inputs, (prev, cur, starts)):
             static.copy_(given)
@@ -489,20 +505,34 @@ class AlignGraphs:
         return tuple(t.clone() for t in outputs)  # the next replay overwrites the static outputs
 
     def _capture(self, prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor) -> tuple:
+        device = prev.device
         inputs = tuple(t.clone() for t in (prev, cur, starts))
         # two eager runs on a side stream first, as torch asks: libraries set up their handles
         # and workspaces, and the cached constants are made, outside the capture
-        here, side = torch.cuda.current_stream(prev.device), torch.cuda.Stream(prev.device)
+        here, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
         side.wait_stream(here)
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._align(*inputs)
         here.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread-local: the worker's model thread goes on meanwhile, on its own stream
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = self._align(*inputs)
+        pool = self._pools.setdefault(device, torch.cuda.graph_pool_handle())
+        try:
+            # on our own stream, on the inputs' device (torch's default capture stream is made
+            # once, on whichever device came first); thread-local: other threads' work goes on
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                outputs = self._align(*inputs)
+        except RuntimeError as exc:
+            raise RuntimeError(f"capturing the temporal blend's CUDA graph for {len(prev)} faces on {device} failed "
+                               f"({exc}); set worker.cuda_graphs: false to blend without CUDA graphs") from exc
         return inputs, outputs, graph
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """cuda -> cuda:<current device>, as tensors name their device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _one_torch_thread() -> None:
@@ -564,6 +594,12 @@ class TemporalBlender:
         """Warps (register) and the previous outputs' weights (change_weight) for pairs of thumbnails."""
         theta = register(prev, cur, starts, kernels=kernels)
         return theta, change_weight(prev, cur, theta, self.blend_max, self.blend_sigma, kernels=kernels)
+
+    def prepare(self, device: torch.device, batch: int) -> None:
+        """Before serving on ``device`` with batches of up to ``batch`` crops: on a GPU capture
+        the CUDA graphs those batches can need (see AlignGraphs); elsewhere nothing."""
+        if isinstance(self._aligned, AlignGraphs):
+            self._aligned.prepare(device, batch)
 
     def hold(self, keys: Sequence[tuple]) -> None:
         """Tracks whose crops are in the model: dropping them (end of track, bye) waits for

@@ -128,6 +128,9 @@ class Worker:
         poller.register(self._woken, zmq.POLLIN)  # the model thread finished a batch
         log.info("worker %s serving %s on %s (%s)", self.id, ", ".join(self.restorers), self.endpoint, self.device)
         try:
+            # on a GPU the blend's CUDA graphs are captured now, before the model thread runs
+            # (a capture must not meet a model unloading or an out-of-memory retry)
+            self.blender.prepare(torch.device(self.device), self.batch)
             self._serve(poller)
         except BaseException as exc:
             self.error = exc
