@@ -516,7 +516,9 @@ class AlignGraphs:
                 self._align(*inputs)
         here.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        pool = self._pools.setdefault(device, torch.cuda.graph_pool_handle())
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle()
+        pool = self._pools[device]
         try:
             # on our own stream, on the inputs' device (torch's default capture stream is made
             # once, on whichever device came first); thread-local: other threads' work goes on
