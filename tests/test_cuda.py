@@ -108,7 +108,7 @@ def _restore_tracks(restorer, tracks: list, modes: list[str]) -> tuple[dict, lis
             if unsent:
                 send(*unsent.pop(0))  # a result returns its credit
         states = list(worker.blender._tracks.values())
-        graphs = len(worker.blender._aligned) if hasattr(worker.blender._aligned, "__len__") else 0
+        graphs = len(worker.blender._aligned)
     finally:
         dealer.close(linger=0)
         worker.stop_event.set()

@@ -42,7 +42,6 @@ A track's state is dropped on ``reset`` (scene cut, new worker), when frames wer
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 import threading
@@ -58,8 +57,6 @@ import torch.nn.functional as F
 
 from workers import cpu_kernels
 from workers.cpu_kernels import normal_equations, warp_blend
-
-log = logging.getLogger(__name__)
 
 LOWPASS_SIZE = 128  # motion and change are measured on a 128x128 thumbnail of the crop
 LOWPASS_TAPS, LOWPASS_SIGMA = 5, 1.0  # the thumbnail's Gaussian low-pass

@@ -398,11 +398,11 @@ class Worker:
         if full:
             try:
                 every = len(full) == len(crops)
-                on_device = to_device(torch.from_numpy(batch if every else batch[full]), restored.device)
-                where = to_device(torch.tensor(full), restored.device)
+                where = None if every else to_device(torch.tensor(full), restored.device)
                 blended = self.blender.blend_batch(
                     [keys[i] for i in full], [crops[i].frame for i in full], [crops[i].affine for i in full],
-                    on_device, restored if every else restored.index_select(0, where), [crops[i].reset for i in full],
+                    to_device(torch.from_numpy(batch if every else batch[full]), restored.device),
+                    restored if every else restored.index_select(0, where), [crops[i].reset for i in full],
                     run_dtype=run_dtype)
                 outputs = blended if every else outputs.index_copy(0, where, blended)
             except Exception as exc:  # blending must not take the worker down, nor the other crops
