@@ -264,6 +264,40 @@ def test_the_normal_equations_are_the_torch_ones(side):
     assert np.array_equal(got[:, :, :8], got[:, :, :8].transpose(0, 2, 1))  # symmetric, as it must be
 
 
+def test_the_gauss_newton_update_is_the_damped_solve_then_the_composed_step():
+    """The registration's small maths in one numba pass, against numpy: damp the diagonal,
+    solve, bound the gain, compose theta with the step; how far the corners moved; a singular
+    system gives a non-finite warp, not an error."""
+    from workers import cpu_kernels
+
+    rng = np.random.default_rng(14)
+    n, damping, min_gain, scale = 5, 1e-6, 0.1, 4 / 128
+    basis = rng.normal(0, 1, (n, 40, 8))
+    lhs = basis.transpose(0, 2, 1) @ basis  # symmetric positive definite, as normal equations are
+    rhs = rng.normal(0, 1, (n, 8, 1))
+    rhs[1, 6] = -5 * abs(rhs[1, 6]) - lhs[1, 6].sum()  # some gain below min_gain: the bound applies
+    normal = np.concatenate([lhs, rhs], axis=2).astype(np.float32)
+    normal[4] = 0  # flat images: damping alone, which solves to no step
+    theta = (np.eye(3) + rng.normal(0, 0.05, (n, 3, 3)) * [[1, 1, 1], [1, 1, 1], [0, 0, 0]]).astype(np.float32)
+
+    got, moved = cpu_kernels.gauss_newton_update(theta, normal, damping, min_gain, scale)
+    damped = normal[..., :8].astype(np.float64)
+    damped[:, range(8), range(8)] = normal[:, range(8), range(8)] * np.float32(1 + damping) + np.float32(damping)
+    solution = np.linalg.solve(damped[:4], normal[:4, :, 8:].astype(np.float64))[..., 0]
+    step = solution[:, :6] / np.maximum(solution[:, 6:7], min_gain) * scale
+    update = np.tile(np.eye(3), (4, 1, 1))
+    update[:, :2] += step.reshape(4, 2, 3)
+    expected = theta[:4].astype(np.float64) @ update
+    assert got.shape == (n, 3, 3) and got.dtype == np.float32 and moved.shape == (n,)
+    assert np.abs(got[:4] - expected).max() < 1e-5
+    assert solution[1, 6] < min_gain  # the case the bound is for
+    corners = np.array([[-1, 1, -1, 1], [-1, -1, 1, 1], [1, 1, 1, 1]])
+    assert np.allclose(moved[:4], np.abs((expected - theta[:4]) @ corners)[:, :2].max(axis=(1, 2)), rtol=1e-3)
+    assert np.array_equal(got[4], theta[4]) and moved[4] == 0
+    singular, _ = cpu_kernels.gauss_newton_update(theta[4:], normal[4:], 0.0, min_gain, scale)  # no damping
+    assert not np.isfinite(singular).all()
+
+
 @pytest.mark.parametrize("dilate", [1, 3, 5])
 def test_the_change_map_is_the_torch_one(dilate, monkeypatch):
     """Coverage, the per-pixel change, its dilation and the weight: numba against torch."""
@@ -327,7 +361,7 @@ def test_what_a_gpu_runs_runs_on_a_cpu_without_the_kernels(monkeypatch):
         raise AssertionError("a numba kernel ran")
 
     for name in ("warp_blend", "warp_cubic", "normal_equations", "sources", "gray", "mean_abs_difference",
-                 "change_exponent"):
+                 "change_exponent", "gauss_newton_update"):
         monkeypatch.setattr(cpu_kernels, name, refuse)
     monkeypatch.setattr(temporal, "normal_equations", refuse)
     monkeypatch.setattr(temporal, "warp_blend", refuse)

@@ -300,7 +300,7 @@ def _thumbnail_pairs(n: int = 6, size: int = 128):
 
 
 def test_registration_on_a_cpu_finds_the_warps_the_torch_ops_find():
-    """The CPU's registration (numba sums, numpy for the small solves, the identity start not
+    """The CPU's registration (numba sums and small solves, the identity start not
     sampled) against the torch ops a GPU runs: the same warps to float32 rounding, also where a
     pair is flat (nothing to register: the start stays) or a start is NaN (never chosen)."""
     prev, cur, starts = _thumbnail_pairs()
@@ -328,7 +328,7 @@ def test_sampling_a_thumbnail_at_the_identity_gives_the_thumbnail():
 
 
 def test_a_warp_gone_nan_in_a_batch_leaves_the_other_warps_alone():
-    """The CPU's steps solve the batch's systems in one numpy call: a NaN one stays NaN (register
+    """The CPU's steps solve the batch's systems in one numba call: a NaN one stays NaN (register
     then keeps that pair's start) and the others register as torch's steps do."""
     prev, cur, starts = _thumbnail_pairs(4)
     gray_prev, gray_cur = temporal._gray(prev, kernels=False), temporal._gray(cur, kernels=False)
@@ -339,6 +339,25 @@ def test_a_warp_gone_nan_in_a_batch_leaves_the_other_warps_alone():
     assert np.isnan(cpu[1]).all()
     others = [0, 2, 3]
     assert np.isfinite(cpu[others]).all() and np.abs(cpu[others] - gpu[others].numpy()).max() < 1e-5
+
+
+def test_a_face_whose_step_converged_takes_no_more_steps_at_that_level():
+    """A Gauss-Newton step that moved a face's corners less than CONVERGED_PX is its last at
+    that level, on a CPU's path and the torch one alike; the other faces go on stepping."""
+    prev, cur, starts = _thumbnail_pairs(4)
+    gray_prev, gray_cur = temporal._gray(prev, kernels=False), temporal._gray(cur, kernels=False)
+    gray_cur[0] = gray_prev[0]  # the same image: the first step moves (next to) nothing
+    theta = starts[:, 1].clone()
+    theta[0] = torch.eye(3)
+    theta[1:, :2, 2] += 3 / temporal.LOWPASS_SIZE  # 1.5 px off: steps to take
+    one = temporal._gauss_newton_on_cpu(theta.numpy().copy(), gray_prev, gray_cur, 1)
+    three = temporal._gauss_newton_on_cpu(theta.numpy().copy(), gray_prev, gray_cur, 3)
+    moved = temporal.corners_moved(torch.from_numpy(one), theta) * temporal.LOWPASS_SIZE / 2
+    assert moved[0] < temporal.CONVERGED_PX and (moved[1:] >= temporal.CONVERGED_PX).all()  # the case
+    assert np.array_equal(three[0], one[0])  # stopped after its first step
+    assert all(np.abs(three[i] - one[i]).max() > 1e-6 for i in range(1, 4))  # took the others
+    on_torch = temporal._gauss_newton(theta, gray_prev, gray_cur, 3, kernels=False)
+    assert np.abs(on_torch.numpy() - three).max() < 1e-5
 
 
 def test_the_torch_kernels_agree_with_the_opencv_ones():

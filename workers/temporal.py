@@ -31,8 +31,11 @@ goes crop by crop through OpenCV and, for the bicubic warp, our own numba kernel
 which are several times faster there than torch's batched maths, and the batch is
 split over ``cpu_threads`` threads (the caller's and helpers'), torch on one thread in each: by
 crops, or by bands of rows where the crops do not divide among the threads (a batch of one).
-On a CPU the registration's small solves go through numpy, whose ops on 8x8 arrays cost a
-fraction of torch's.
+On a CPU the registration's small solves and updates are one numba pass per step (each of the
+~15 numpy calls it replaced held the GIL, which the other thread then waited for), and a face
+whose step moved it less than CONVERGED_PX takes no more steps at that level (a GPU masks the
+update instead, with the same result); each thread stacks its own crops' thumbnails, which are
+made one tensor per crop and kept by the track states as they are.
 
 A track's state is dropped on ``reset`` (scene cut, new worker), when frames were skipped, on
 ``end_track``/``bye``, or, least recently used first, when all states together exceed
@@ -71,6 +74,10 @@ GRAY = (0.299, 0.587, 0.114)  # RGB -> luma, for registration
 REGISTER_LEVELS = ((LOWPASS_SIZE // 4, 1), (LOWPASS_SIZE // 2, 1), (LOWPASS_SIZE, 2))
 DAMPING = 1e-6  # added to the normal matrix's diagonal, relative and absolute: flat images solve to 0
 MIN_GAIN = 0.1  # below this the two thumbnails barely correlate: bound the step (it is checked anyway)
+# a face whose Gauss-Newton step moved its thumbnail's corners less than this (pixels of the full
+# thumbnail) takes no more steps at that level: on bench/worker.py's faces the first step at 128 px
+# moved them 0.03-0.09 px and the second, where it ran anyway, 0.003-0.012
+CONVERGED_PX = 0.1
 MAX_GRAPHED = 32  # on a GPU, batches of up to this many registrations run as CUDA graphs (one per size);
 # beyond it the eager ops' launches are spread over enough faces
 
@@ -136,14 +143,26 @@ def thumbnails(crops: torch.Tensor, opencv: bool) -> torch.Tensor:
 
 
 def _thumbnails_opencv(crops: torch.Tensor) -> torch.Tensor:
+    return torch.stack(_thumbnail_each(crops))
+
+
+def _thumbnail_each(crops: torch.Tensor) -> list[torch.Tensor]:
+    """thumbnails(crops, opencv=True) as one 3 x L x L tensor per crop, each its own memory: a
+    track's state keeps its crop's, and a batch is stacked only where it is registered (in the
+    thread that registers it)."""
     side = (LOWPASS_SIZE, LOWPASS_SIZE)
     small = []
     for crop in crops.numpy():
         as_float = _scratch("crop", crop.shape, np.float32)
         np.copyto(as_float, crop)
-        small.append(cv2.GaussianBlur(cv2.resize(as_float, side, interpolation=cv2.INTER_AREA),
-                                      (LOWPASS_TAPS, LOWPASS_TAPS), LOWPASS_SIGMA))
-    return torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).contiguous()
+        small_shape = side + crop.shape[2:]
+        area, blurred = _scratch("area", small_shape, np.float32), _scratch("blurred", small_shape, np.float32)
+        cv2.resize(as_float, side, dst=area, interpolation=cv2.INTER_AREA)
+        cv2.GaussianBlur(area, (LOWPASS_TAPS, LOWPASS_TAPS), LOWPASS_SIGMA, dst=blurred)
+        planes = np.empty((crop.shape[2],) + side, np.float32)
+        cv2.split(blurred, list(planes))  # to channels first, into the planes' memory
+        small.append(torch.from_numpy(planes))
+    return small
 
 
 _thread_scratch = threading.local()
@@ -269,6 +288,7 @@ def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, st
         columns = torch.empty((n, 9, side, side), device=cur.device)
         columns[:, 8:] = cur
     identity = torch.eye(3, device=cur.device)
+    moving = None  # the faces still taking steps at this level (no host sync: a mask, not an index)
     for _ in range(steps):
         sources = _sources(theta, side, kernels)
         warped = F.grid_sample(prev, sources.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
@@ -281,40 +301,42 @@ def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, st
         lhs.diagonal(dim1=1, dim2=2).mul_(1 + DAMPING).add_(DAMPING)
         solution = torch.linalg.solve_ex(lhs, rhs).result  # solve() would check for errors: a GPU sync
         step = solution[:, :6] / solution[:, 6:7].clamp(min=MIN_GAIN) * (4 / side)
-        theta = theta @ (identity + F.pad(step.view(n, 2, 3), (0, 0, 0, 1)))
+        stepped = theta @ (identity + F.pad(step.view(n, 2, 3), (0, 0, 0, 1)))
+        still = corners_moved(stepped, theta) >= CONVERGED_PX * 2 / LOWPASS_SIZE
+        theta = stepped if moving is None else torch.where(moving.view(n, 1, 1), stepped, theta)
+        moving = still if moving is None else moving & still
     return theta
 
 
-_EIGHT = np.arange(8)  # the 8x8 normal matrix's diagonal
+def corners_moved(after: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """How far warps ``before`` -> ``after`` (N x 3 x 3, normalised) moved the image's corners
+    (+-1, +-1), at most, along either axis, in normalised units: per row |a| + |b| + |c|."""
+    return (after - before)[:, :2].abs().sum(dim=2).amax(dim=1)
 
 
 def _gauss_newton_on_cpu(theta: np.ndarray, prev: torch.Tensor, cur: torch.Tensor, steps: int) -> np.ndarray:
-    """_gauss_newton on a CPU (theta a float32 array): the same steps, the small 8x8 and 3x3
-    maths in numpy, whose ops on arrays this small cost a few microseconds where torch's cost
-    10-20 (a batch of one face took ~60 of them per registration). A warp gone NaN or infinite
-    passes silently, as on torch's path: register keeps the start there."""
-    n, _, side, _ = cur.shape
+    """_gauss_newton on a CPU (theta a float32 array): the same steps in four calls each, the
+    small 8x8 and 3x3 maths in one numba pass (workers.cpu_kernels.gauss_newton_update): numpy's
+    ops on arrays this small cost a few microseconds each but hold the GIL, which the blend's
+    other thread then waits for. A warp gone NaN or infinite passes silently, as on torch's
+    path: register keeps the start there."""
+    side = cur.shape[-1]
     c = _centres(side, cur.device).numpy()
-    target = cur.numpy()
-    update = np.zeros((n, 3, 3), np.float32)
-    update[:, 2, 2] = 1
-    with np.errstate(all="ignore"):
-        for _ in range(steps):
-            sources = cpu_kernels.sources(theta, c)
-            warped = F.grid_sample(prev, torch.from_numpy(sources).permute(0, 2, 3, 1), mode="bilinear",
-                                   padding_mode="border", align_corners=False)
-            normal = normal_equations(warped.numpy(), sources, c, target)
-            lhs, rhs = normal[..., :8], normal[..., 8:]
-            lhs[:, _EIGHT, _EIGHT] = lhs[:, _EIGHT, _EIGHT] * np.float32(1 + DAMPING) + np.float32(DAMPING)
-            try:
-                solution = np.linalg.solve(lhs, rhs)
-            except np.linalg.LinAlgError:  # an exact zero pivot (NaN only spreads): torch answers per item
-                solution = torch.linalg.solve_ex(torch.from_numpy(lhs), torch.from_numpy(rhs)).result.numpy()
-            step = solution[:, :6, 0] / np.maximum(solution[:, 6:7, 0], np.float32(MIN_GAIN)) * np.float32(4 / side)
-            update[:, :2] = step.reshape(n, 2, 3)
-            update[:, 0, 0] += 1
-            update[:, 1, 1] += 1
-            theta = theta @ update
+    moving = np.arange(len(theta))  # the faces still taking steps (see CONVERGED_PX); here an index, to skip the rest
+    theta = theta.copy()
+    for _ in range(steps):
+        if len(moving) == 0:
+            break
+        some = len(moving) < len(theta)
+        part_theta, part_prev, part_cur = ((theta[moving], prev[torch.from_numpy(moving)], cur[torch.from_numpy(moving)])
+                                           if some else (theta, prev, cur))
+        sources = cpu_kernels.sources(part_theta, c)
+        warped = F.grid_sample(part_prev, torch.from_numpy(sources).permute(0, 2, 3, 1), mode="bilinear",
+                               padding_mode="border", align_corners=False)
+        normal = normal_equations(warped.numpy(), sources, c, part_cur.numpy())
+        stepped, moved = cpu_kernels.gauss_newton_update(part_theta, normal, DAMPING, MIN_GAIN, 4 / side)
+        theta[moving] = stepped
+        moving = moving[moved >= np.float32(CONVERGED_PX * 2 / LOWPASS_SIZE)]
     return theta
 
 
@@ -353,7 +375,7 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor, *, ker
     """N x 3 x 3 warps (current -> previous thumbnail, normalised) aligning N pairs of
     thumbnails (N x 3 x L x L, float32): the better of K ``starts`` (N x K x 3 x 3), refined,
     unless refining made the alignment worse. ``kernels``: on a CPU, through workers.cpu_kernels
-    where they do the same, the small solves in numpy, and the identity start's residual without
+    where they do the same, the small solves too, and the identity start's residual without
     sampling (False: the torch ops a GPU runs)."""
     n, k = starts.shape[:2]
     prev, cur = _gray(prev, kernels), _gray(cur, kernels)
@@ -652,7 +674,10 @@ class TemporalBlender:
         dtype = blend_dtype(device, run_dtype)
         per_crop = device.type == "cpu" and self.opencv_on_cpu
         affine = [_as3x3(a) for a in affines]
-        lowpass = torch.cat(self._split(lambda part: thumbnails(inputs[part], opencv=per_crop), n, per_crop))
+        if per_crop:  # one tensor per crop, made on the threads (see _thumbnail_each)
+            lowpass = [low for part in self._split(lambda part: _thumbnail_each(inputs[part]), n, True) for low in part]
+        else:
+            lowpass = thumbnails(inputs, opencv=False)
 
         # each crop's predecessor: an earlier crop of its track in this batch (its index), the
         # stored state, or None (first frame, reset, frames skipped, blending off)
@@ -672,23 +697,21 @@ class TemporalBlender:
         linked = [i for i in range(n) if prev_of[i] is not None]
         if linked:
             to_norm, from_norm = _normalising(size)
-            starts, prev_low = [], []
-            for i in linked:
-                prev = prev_of[i]
-                prev_affine = affine[prev] if isinstance(prev, int) else prev.affine
-                relative = to_norm @ prev_affine @ np.linalg.inv(affine[i]) @ from_norm
-                starts.append([np.eye(3), relative])
-                prev_low.append(lowpass[prev] if isinstance(prev, int) else prev.lowpass)
-            prev_low, cur_low = torch.stack(prev_low), lowpass[_rows(linked, device)]
-            starts = to_device(torch.as_tensor(np.array(starts), dtype=torch.float32), device)
+            prev_affine = np.array([affine[p] if isinstance(p := prev_of[i], int) else p.affine for i in linked])
+            relative = to_norm @ prev_affine @ np.linalg.inv(np.array([affine[i] for i in linked])) @ from_norm
+            starts = np.stack([np.broadcast_to(np.eye(3), relative.shape), relative], axis=1)  # identity and relative
+            starts = to_device(torch.as_tensor(starts, dtype=torch.float32), device)
+            prev_low = [lowpass[p] if isinstance(p := prev_of[i], int) else p.lowpass for i in linked]
+            cur_low = [lowpass[i] for i in linked]
 
-            if per_crop:  # split over the threads
+            if per_crop:  # split over the threads, each stacking its own part's thumbnails
                 def align(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-                    return self._align(prev_low[part], cur_low[part], starts[part], kernels=True)
+                    return self._align(torch.stack(prev_low[part]), torch.stack(cur_low[part]), starts[part],
+                                       kernels=True)
 
                 theta, weight = (torch.cat(parts) for parts in zip(*self._split(align, len(linked), True)))
             else:
-                theta, weight = self._aligned(prev_low, cur_low, starts)
+                theta, weight = self._aligned(torch.stack(prev_low), lowpass[_rows(linked, device)], starts)
             row = {i: j for j, i in enumerate(linked)}
             if per_crop:
                 theta_host, weight_host = theta.double().numpy(), weight.numpy()
@@ -744,7 +767,7 @@ class TemporalBlender:
                     self._forget(key)
                     if per_crop:  # the crop before this one in the track, in this batch or stored
                         self._spares.append(replaced)
-                state = _TrackState(frames[i], affine[i], outputs[i], lowpass[i].clone())
+                state = _TrackState(frames[i], affine[i], outputs[i], lowpass[i] if per_crop else lowpass[i].clone())
                 self._tracks[key] = state
                 self._bytes += state.nbytes
             while self._bytes > self.max_bytes and len(self._tracks) > 1:
