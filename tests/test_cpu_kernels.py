@@ -133,6 +133,11 @@ for trial in range(300):
     cpu_kernels.gray(thumbs, np.ones(3))
     cpu_kernels.mean_abs_difference(planes, planes)
     cpu_kernels.change_exponent(np.concatenate([thumbs, planes], axis=1), thumbs, -1e4, 0.1, [3, 5, 7][trial % 3])
+    cpu_kernels.change_exponent(thumbs, thumbs, -1e4, 0.1, [3, 5, 7][trial % 3], where)
+    cpu_kernels.halve(rng.uniform(0, 1, (n, 2, 2 * side, 4 * side)).astype(np.float32))
+    small = int(rng.integers(3, 9))
+    crop = rng.integers(0, 256, (small * 2 ** int(rng.integers(0, 4)),) * 2 + (3,), dtype=np.uint8)
+    cpu_kernels.thumbnail(crop, small, np.full(5, 0.2, np.float32))
 print("ok")
 """
     env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path)}  # compiled afresh, checked
@@ -298,6 +303,34 @@ def test_the_gauss_newton_update_is_the_damped_solve_then_the_composed_step():
     assert not np.isfinite(singular).all()
 
 
+@pytest.mark.parametrize("size, side", [(128, 128), (256, 128), (512, 128), (2048, 128), (24, 3), (40, 5)])
+def test_the_thumbnail_is_opencvs_area_mean_then_gaussian(size, side):
+    """One numba pass from the uint8 crop against what the blender ran before: OpenCV's
+    INTER_AREA resize and 5-tap Gaussian (BORDER_REFLECT_101) on the float crop."""
+    from workers import cpu_kernels, temporal
+
+    rng = np.random.default_rng(size + side)
+    crop = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    taps = temporal._gaussian_taps().astype(np.float32)
+    expected = cv2.GaussianBlur(cv2.resize(crop.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA),
+                                (5, 5), temporal.LOWPASS_SIGMA).transpose(2, 0, 1)
+    got = cpu_kernels.thumbnail(crop, side, taps)
+    assert got.shape == (3, side, side) and got.dtype == np.float32
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_the_thumbnail_refuses_what_it_does_not_fit():
+    from workers import cpu_kernels
+
+    taps = np.full(5, 0.2, np.float32)
+    for shape, side in [((384, 384, 3), 128), ((256, 256, 4), 128), ((256, 128, 3), 128), ((4, 4, 3), 2)]:
+        assert not cpu_kernels.thumbnail_fits(shape, side)
+        with pytest.raises(ValueError, match="thumbnail takes"):
+            cpu_kernels.thumbnail(np.zeros(shape, np.uint8), side, taps)
+    with pytest.raises(ValueError, match="thumbnail takes"):
+        cpu_kernels.thumbnail(np.zeros((256, 256, 3), np.float32), 128, taps)
+
+
 @pytest.mark.parametrize("dilate", [1, 3, 5])
 def test_the_change_map_is_the_torch_one(dilate, monkeypatch):
     """Coverage, the per-pixel change, its dilation and the weight: numba against torch."""
@@ -319,6 +352,36 @@ def test_the_change_map_is_the_torch_one(dilate, monkeypatch):
     assert 0.01 < got.max() and got.min() == 0  # both blending and uncovered pixels are in the case
 
 
+def test_the_change_map_works_out_the_coverage_grid_sample_would_sample():
+    """From the sampling positions instead of a sampled channel of ones: the same weights, at
+    warps that leave part of the crop uncovered (a shift, a turn, a zoom out)."""
+    import torch
+
+    from workers import cpu_kernels, temporal
+
+    rng = np.random.default_rng(15)
+    side = 32
+    prev = torch.from_numpy(rng.uniform(0, 255, (3, 3, side, side)).astype(np.float32))
+    theta = torch.eye(3).repeat(3, 1, 1)
+    theta[0, 0, 2] = 0.13  # shifted
+    theta[1, :2, :2] = torch.tensor([[0.98, -0.17], [0.17, 0.98]])  # turned
+    theta[2, :2, :2] *= 1.1  # zoomed out
+    sources = temporal._sources(theta, side)
+    grid = sources.permute(0, 2, 3, 1)
+    sampled = torch.nn.functional.grid_sample(torch.cat([prev, torch.ones_like(prev[:, :1])], dim=1), grid,
+                                              mode="bilinear", padding_mode="zeros", align_corners=False)
+    coverage = sampled[:, 3].numpy()
+    cur = (sampled[:, :3] + torch.from_numpy(rng.normal(0, 1, prev.shape).astype(np.float32))).contiguous()
+    assert ((coverage > 0.01) & (coverage < 0.99)).any() and (coverage == 0).any()  # the edges are in the case
+    expected = cpu_kernels.change_exponent(sampled.numpy(), cur.numpy(), temporal.OUTSIDE, 0.05, 3)
+    got = cpu_kernels.change_exponent(sampled[:, :3].contiguous().numpy(), cur.numpy(), temporal.OUTSIDE, 0.05, 3,
+                                      sources=sources.numpy())
+    assert np.abs(np.exp(got) - np.exp(expected)).max() < 1e-5
+    assert (np.exp(got) > 0.5).any()  # and blending pixels too
+    with pytest.raises(ValueError, match="warped must be"):
+        cpu_kernels.change_exponent(sampled.numpy(), cur.numpy(), temporal.OUTSIDE, 0.05, 3, sources=sources.numpy())
+
+
 def test_gray_and_the_mean_difference_are_plain_sums():
     from workers import cpu_kernels, temporal
 
@@ -329,6 +392,10 @@ def test_gray_and_the_mean_difference_are_plain_sums():
     assert np.abs(cpu_kernels.gray(thumbs, weights) - expected).max() < 1e-4
     a, b = thumbs[:, :1], thumbs[:, 1:2]
     assert np.allclose(cpu_kernels.mean_abs_difference(a, b), np.abs(a - b).mean(axis=(1, 2, 3)), rtol=1e-6)
+    blocks = rng.uniform(0, 255, (2, 3, 8, 6)).astype(np.float32)
+    assert np.abs(cpu_kernels.halve(blocks) - blocks.reshape(2, 3, 4, 2, 3, 2).mean(axis=(3, 5))).max() < 1e-4
+    with pytest.raises(ValueError, match="even"):
+        cpu_kernels.halve(blocks[..., :5])
 
 
 def test_without_anywhere_to_cache_the_kernels_compile_per_process():
@@ -361,7 +428,7 @@ def test_what_a_gpu_runs_runs_on_a_cpu_without_the_kernels(monkeypatch):
         raise AssertionError("a numba kernel ran")
 
     for name in ("warp_blend", "warp_cubic", "normal_equations", "sources", "gray", "mean_abs_difference",
-                 "change_exponent", "gauss_newton_update"):
+                 "change_exponent", "gauss_newton_update", "thumbnail", "halve"):
         monkeypatch.setattr(cpu_kernels, name, refuse)
     monkeypatch.setattr(temporal, "normal_equations", refuse)
     monkeypatch.setattr(temporal, "warp_blend", refuse)

@@ -19,9 +19,10 @@ Full size, per crop:
 
 Thumbnails (registration and the change map), per batch: ``normal_equations`` (a Gauss-Newton
 step's sums), ``gauss_newton_update`` (its damped 8x8 solve and the warp's update),
-``sources`` (sampling positions), ``gray``, ``mean_abs_difference`` and ``change_exponent``,
-each one pass instead of several torch or numpy ops over the whole batch; torch's vectorized
-grid_sample still does the sampling, and the change map's exponential.
+``sources`` (sampling positions), ``gray``, ``halve`` (the pyramid), ``mean_abs_difference``
+and ``change_exponent``, each one pass instead of several torch or numpy ops over the whole
+batch; torch's vectorized grid_sample still does the sampling, and the change map's
+exponential. Per crop, ``thumbnail`` makes a crop's thumbnail from its uint8 pixels.
 
 Indices in vectorized loops are unsigned on purpose: numba wraps negative indices around, and
 the check for that kept LLVM from vectorizing (it ran ~4x slower). Fast-math is limited to
@@ -400,6 +401,96 @@ def normal_equations(warped: np.ndarray, sources: np.ndarray, centres: np.ndarra
 
 
 @_compile
+def _pairs_summed(row, width, out):
+    """out[x, c] = row[2x, c] + row[2x + 1, c] for x < width, 3 channels interleaved (the
+    constant strides let LLVM vectorize the interleaved access)."""
+    for x in range(np.uint64(width)):
+        k = x * np.uint64(6)
+        j = x * np.uint64(3)
+        out[j] = row[k] + row[k + np.uint64(3)]
+        out[j + np.uint64(1)] = row[k + np.uint64(1)] + row[k + np.uint64(4)]
+        out[j + np.uint64(2)] = row[k + np.uint64(2)] + row[k + np.uint64(5)]
+
+
+@_compile
+def _thumbnail(crop, taps, scale, out, band, halved, padded, across):
+    size = crop.shape[0]
+    side = out.shape[1]
+    factor = size // side
+    n = np.uint64(size * 3)
+    t0, t1, t2 = taps[0], taps[1], taps[2]
+    last = side - 1
+    for i in range(side):
+        # the factor source rows of this output row, summed (contiguous: vectorized)
+        first = crop[i * factor].reshape(size * 3)
+        for t in range(n):
+            band[t] = np.float32(first[t])
+        for a in range(1, factor):
+            row = crop[i * factor + a].reshape(size * 3)
+            for t in range(n):
+                band[t] += np.float32(row[t])
+        # then pairs of columns, until one column per output pixel
+        width, source, target = size, band, halved
+        while width > side:
+            width //= 2
+            _pairs_summed(source, width, target)
+            source, target = target, source
+        # into each channel's plane, 2 pixels of margin, mirrored without the edge pixel
+        # (OpenCV's BORDER_REFLECT_101); then the Gaussian along the row
+        p0, p1, p2 = padded[0], padded[1], padded[2]
+        for j in range(np.uint64(side)):
+            k = j * np.uint64(3)
+            p0[j + np.uint64(2)] = source[k] * scale
+            p1[j + np.uint64(2)] = source[k + np.uint64(1)] * scale
+            p2[j + np.uint64(2)] = source[k + np.uint64(2)] * scale
+        for c in range(3):
+            line = padded[c]
+            line[1], line[0] = line[3], line[4]
+            line[side + 2], line[side + 3] = line[side], line[side - 1]
+            target = across[c, i]
+            for j in range(np.uint64(side)):
+                target[j] = (line[j] + line[j + np.uint64(4)]) * t0 + (line[j + np.uint64(1)]
+                                                                        + line[j + np.uint64(3)]) * t1 \
+                    + line[j + np.uint64(2)] * t2
+    # the Gaussian down the columns, a row at a time, the rows mirrored as above
+    for c in range(3):
+        for y in range(side):
+            r0, r1 = across[c, abs(y - 2)], across[c, abs(y - 1)]
+            r3, r4 = across[c, last - abs(last - y - 1)], across[c, last - abs(last - y - 2)]
+            r2, target = across[c, y], out[c, y]
+            for j in range(np.uint64(side)):
+                target[j] = (r0[j] + r4[j]) * t0 + (r1[j] + r3[j]) * t1 + r2[j] * t2
+
+
+def thumbnail_fits(shape: tuple, side: int) -> bool:
+    """Whether ``thumbnail`` takes crops of this shape to ``side``: 3 channels, square, the
+    side times a power of two (GPEN's crops: 256 to 2048 px for a 128 px thumbnail), side >= 3."""
+    if len(shape) != 3 or shape[2] != 3 or shape[0] != shape[1] or side < 3 or shape[0] % side:
+        return False
+    factor = shape[0] // side
+    return factor & (factor - 1) == 0
+
+
+def thumbnail(crop: np.ndarray, side: int, taps: np.ndarray) -> np.ndarray:
+    """workers.temporal's thumbnail of one crop in one pass from its uint8 pixels: the mean of
+    each (S / side)^2 block (cv2.resize's INTER_AREA at an integer factor), then the separable
+    5-tap Gaussian ``taps``, mirrored at the edges without the edge pixel (cv2.GaussianBlur's
+    default border): 3 x side x side float32, channels first. OpenCV took 2-3x as long, in four
+    calls and three copies (to float, to channels first). For crops that ``thumbnail_fits``;
+    the sums' order differs from OpenCV's (float32 rounding apart)."""
+    if crop.dtype != np.uint8 or not thumbnail_fits(crop.shape, side) or len(taps) != 5:
+        raise ValueError(f"thumbnail takes a square 3-channel uint8 crop whose side is {side} times a power of two, "
+                         f"and 5 taps, not {crop.shape} {crop.dtype}, {len(taps)} taps")
+    size = crop.shape[0]
+    out = np.empty((3, side, side), np.float32)
+    taps = np.asarray(taps, np.float32)
+    _thumbnail(np.ascontiguousarray(crop), taps, np.float32(1 / (size // side) ** 2), out,
+               np.empty(size * 3, np.float32), np.empty(size * 3 // 2 + 3, np.float32),
+               np.empty((3, side + 4), np.float32), np.empty((3, side, side), np.float32))
+    return out
+
+
+@_compile
 def _gauss_newton_update(theta, normal, damping, min_gain, scale, out, moved):
     n = theta.shape[0]
     a = np.empty((8, 9), np.float64)  # the damped system, right side last, eliminated in place
@@ -464,6 +555,28 @@ def gauss_newton_update(theta: np.ndarray, normal: np.ndarray, damping: float, m
 
 
 @_compile
+def _halve(images, out):
+    for k in range(images.shape[0]):
+        for c in range(images.shape[1]):
+            for i in range(out.shape[2]):
+                upper, lower, target = images[k, c, 2 * i], images[k, c, 2 * i + 1], out[k, c, i]
+                for j in range(np.uint64(out.shape[3])):
+                    left, right = j * np.uint64(2), j * np.uint64(2) + np.uint64(1)
+                    target[j] = ((upper[left] + lower[left]) + (upper[right] + lower[right])) * np.float32(0.25)
+
+
+def halve(images: np.ndarray) -> np.ndarray:
+    """N x C x H x W float32 -> N x C x H/2 x W/2: the means of 2x2 blocks (H and W even), in
+    one pass (torch's strided views took four, and the registration's pyramid a concatenation)."""
+    if images.ndim != 4 or images.shape[2] % 2 or images.shape[3] % 2 or images.dtype != np.float32:
+        raise ValueError(f"halve takes N x C x H x W float32 images of even sides, not {images.shape} {images.dtype}")
+    n, c, h, w = images.shape
+    out = np.empty((n, c, h // 2, w // 2), np.float32)
+    _halve(np.ascontiguousarray(images), out)
+    return out
+
+
+@_compile
 def _gray(thumbs, weights, out):
     for k in range(thumbs.shape[0]):
         r, g, b, o = thumbs[k, 0], thumbs[k, 1], thumbs[k, 2], out[k, 0]
@@ -501,20 +614,38 @@ def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @_compile
-def _change_exponent(warped, cur, outside, blend_sigma, reach, out):
+def _change_exponent(warped, cur, sources, outside, blend_sigma, reach, out):
     n, channels, h, w = cur.shape
     change = np.empty((h, w), np.float32)
     across = np.empty((h, w), np.float32)
     uncovered = np.empty(w, np.float32)  # a row's outside * (1 - coverage)
     one, scale = np.float32(1), np.float32(1 / (channels * 255))
     # each loop reads one array and writes another along a row (or whole rows): vectorized
+    analytic = sources.shape[0] == n  # coverage from the sampling positions, not a channel of warped
+    zero, half = np.float32(0), np.float32(0.5)
     for k in range(n):
-        coverage = warped[k, channels]
         for i in range(h):
-            row, covered = change[i], coverage[i]
-            for j in range(np.uint64(w)):
-                row[j] = np.float32(0)
-                uncovered[j] = outside * (one - covered[j])
+            row = change[i]
+            if analytic:
+                # what grid_sample's bilinear taps inside the image weigh together (zeros
+                # padding, align_corners=False): per axis the inside taps' weights, multiplied
+                xs, ys = sources[k, 0, i], sources[k, 1, i]
+                for j in range(np.uint64(w)):
+                    x = ((xs[j] + one) * np.float32(w) - one) * half
+                    y = ((ys[j] + one) * np.float32(h) - one) * half
+                    x0, y0 = np.floor(x), np.floor(y)
+                    fx, fy = x - x0, y - y0
+                    cx = ((one - fx) if zero <= x0 <= np.float32(w - 1) else zero) \
+                        + (fx if -one <= x0 <= np.float32(w - 2) else zero)
+                    cy = ((one - fy) if zero <= y0 <= np.float32(h - 1) else zero) \
+                        + (fy if -one <= y0 <= np.float32(h - 2) else zero)
+                    row[j] = zero
+                    uncovered[j] = outside * (one - cx * cy)
+            else:
+                covered = warped[k, channels, i]
+                for j in range(np.uint64(w)):
+                    row[j] = zero
+                    uncovered[j] = outside * (one - covered[j])
             for c in range(channels):
                 now, before = cur[k, c, i], warped[k, c, i]
                 for j in range(np.uint64(w)):
@@ -549,19 +680,30 @@ def _change_exponent(warped, cur, outside, blend_sigma, reach, out):
                 target[j] = -(scaled * scaled)
 
 
-def change_exponent(warped: np.ndarray, cur: np.ndarray, outside: float, blend_sigma: float, dilate: int
-                    ) -> np.ndarray:
+def change_exponent(warped: np.ndarray, cur: np.ndarray, outside: float, blend_sigma: float, dilate: int,
+                    sources: np.ndarray | None = None) -> np.ndarray:
     """Most of the change map (workers.temporal.change_weight) in one pass: from the previous
     thumbnails warped with a coverage channel last (N x C+1 x L x L) and the current ones
     (N x C x L x L), change = mean |cur - (warped + outside * (1 - coverage))| / 255, dilated
     over a ``dilate`` x ``dilate`` window: returns -(change / sigma)^2 (N x 1 x L x L), whose
-    exponential torch takes (vectorized; numba's is not, here)."""
+    exponential torch takes (vectorized; numba's is not, here). With ``sources`` (the N x 2 x
+    L x L normalised positions warped was sampled at, zeros padding), warped has the C channels
+    only and the coverage is worked out from the positions (the same sums as grid_sample's,
+    in another order: float32 rounding apart), which saves sampling a channel of ones."""
     n, channels, h, w = cur.shape
-    if warped.shape != (n, channels + 1, h, w):
-        raise ValueError(f"warped must be {(n, channels + 1, h, w)} (the coverage last), not {warped.shape}")
+    expected = (n, channels + (sources is None), h, w)
+    if warped.shape != expected:
+        raise ValueError(f"warped must be {expected} (with the coverage last unless sources are given), "
+                         f"not {warped.shape}")
+    if sources is not None and sources.shape != (n, 2, h, w):
+        raise ValueError(f"sources must be {(n, 2, h, w)}, not {sources.shape}")
     out = np.empty((n, 1, h, w), np.float32)
-    _change_exponent(warped, cur, np.float32(outside), np.float32(blend_sigma), dilate // 2, out)
+    _change_exponent(warped, cur, _NO_SOURCES if sources is None else sources, np.float32(outside),
+                     np.float32(blend_sigma), dilate // 2, out)
     return out
+
+
+_NO_SOURCES = np.zeros((0, 2, 1, 1), np.float32)
 
 
 @_compile
@@ -670,5 +812,8 @@ def warm_up() -> None:
     mean_abs_difference(planes, planes)
     normal_equations(planes, np.zeros((1, 2, 4, 4), np.float32), np.zeros(4, np.float32), planes)
     change_exponent(np.zeros((1, 4, 4, 4), np.float32), thumbs, -1e4, 0.1, 3)
+    change_exponent(thumbs, thumbs, -1e4, 0.1, 3, np.zeros((1, 2, 4, 4), np.float32))
     sources(np.zeros((1, 3, 3), np.float32), np.zeros(4, np.float32))
     gauss_newton_update(np.eye(3, dtype=np.float32)[None], np.eye(8, 9, dtype=np.float32)[None], 1e-6, 0.1, 1.0)
+    thumbnail(np.zeros((8, 8, 3), np.uint8), 4, np.full(5, 0.2, np.float32))
+    halve(planes)

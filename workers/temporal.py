@@ -26,16 +26,17 @@ the model runs in (sums of squared gradients overflow float16). The full-size wo
 warp of the previous output, blend) is batched torch on a GPU, in float16 where the model runs
 in float16, and registration and change map replay there as one CUDA graph per batch size
 (AlignGraphs: eagerly they are hundreds of small kernels a face). On a CPU the full-size work
-goes crop by crop through OpenCV and, for the bicubic warp, our own numba kernel
-(workers.cpu_kernels: OpenCV's warp, 1.1-3x faster depending on the CPU and the motion),
-which are several times faster there than torch's batched maths, and the batch is
-split over ``cpu_threads`` threads (the caller's and helpers'), torch on one thread in each: by
-crops, or by bands of rows where the crops do not divide among the threads (a batch of one).
-On a CPU the registration's small solves and updates are one numba pass per step (each of the
-~15 numpy calls it replaced held the GIL, which the other thread then waited for), and a face
-whose step moved it less than CONVERGED_PX takes no more steps at that level (a GPU masks the
-update instead, with the same result); each thread stacks its own crops' thumbnails, which are
-made one tensor per crop and kept by the track states as they are.
+goes crop by crop through our own numba kernels (workers.cpu_kernels: the thumbnail from the
+uint8 crop, and OpenCV's bicubic warp fused with the blend, 1.1-3x OpenCV's speed depending on
+the CPU and the motion), several times faster there than torch's batched maths, and the batch
+is split over ``cpu_threads`` threads (the caller's and helpers'), torch on one thread in each:
+by crops, or by bands of rows where the crops do not divide among the threads (a batch of one).
+There the registration and change map are numba passes around torch's grid_sample, few per
+step: each numpy or torch call they replaced held the GIL for microseconds that the other
+thread then waited for. A face whose Gauss-Newton step moved it less than CONVERGED_PX takes no
+more steps at that level (a GPU masks the update instead, with the same result). Thumbnails
+are one tensor per crop, kept by the track states as they are and stacked by the thread that
+registers them.
 
 A track's state is dropped on ``reset`` (scene cut, new worker), when frames were skipped, on
 ``end_track``/``bye``, or, least recently used first, when all states together exceed
@@ -149,10 +150,15 @@ def _thumbnails_opencv(crops: torch.Tensor) -> torch.Tensor:
 def _thumbnail_each(crops: torch.Tensor) -> list[torch.Tensor]:
     """thumbnails(crops, opencv=True) as one 3 x L x L tensor per crop, each its own memory: a
     track's state keeps its crop's, and a batch is stacked only where it is registered (in the
-    thread that registers it)."""
+    thread that registers it). GPEN's crop sizes go through one numba pass
+    (workers.cpu_kernels.thumbnail, 2.5-3x OpenCV's time), others through OpenCV."""
     side = (LOWPASS_SIZE, LOWPASS_SIZE)
     small = []
+    taps = _gaussian_taps().astype(np.float32)
     for crop in crops.numpy():
+        if crop.dtype == np.uint8 and cpu_kernels.thumbnail_fits(crop.shape, LOWPASS_SIZE):  # GPEN's crop sizes
+            small.append(torch.from_numpy(cpu_kernels.thumbnail(crop, LOWPASS_SIZE, taps)))
+            continue
         as_float = _scratch("crop", crop.shape, np.float32)
         np.copyto(as_float, crop)
         small_shape = side + crop.shape[2:]
@@ -394,15 +400,18 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor, *, ker
     start_score, best = scores.min(dim=1)
     start = starts[torch.arange(n, device=starts.device), best]
     theta = start
-    pyramid = {LOWPASS_SIZE: torch.cat([prev, cur])}  # both thumbnails, pooled together
-    while min(pyramid) > REGISTER_LEVELS[0][0]:
-        pyramid[min(pyramid) // 2] = _halve(pyramid[min(pyramid)])
-    if on_cpu:
+    if on_cpu:  # each thumbnail's pyramid in one numba pass per level
+        pyramid = {LOWPASS_SIZE: (prev.numpy(), cur.numpy())}
+        while min(pyramid) > REGISTER_LEVELS[0][0]:
+            pyramid[min(pyramid) // 2] = tuple(cpu_kernels.halve(images) for images in pyramid[min(pyramid)])
         host = theta.numpy().copy()
         for level, steps in REGISTER_LEVELS:
-            host = _gauss_newton_on_cpu(host, *pyramid[level].split(n), steps)
+            host = _gauss_newton_on_cpu(host, *(torch.from_numpy(images) for images in pyramid[level]), steps)
         theta = torch.from_numpy(host)
     else:
+        pyramid = {LOWPASS_SIZE: torch.cat([prev, cur])}  # both thumbnails, pooled together
+        while min(pyramid) > REGISTER_LEVELS[0][0]:
+            pyramid[min(pyramid) // 2] = _halve(pyramid[min(pyramid)])
         for level, steps in REGISTER_LEVELS:
             theta = _gauss_newton(theta, *pyramid[level].split(n), steps, kernels)
     better = _residual(prev, cur, theta, kernels) <= start_score  # also False where theta went NaN
@@ -431,12 +440,16 @@ def change_weight(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, bl
                   blend_sigma: float, *, kernels: bool = True) -> torch.Tensor:
     """N x 1 x L x L weight of the previous output, from the thumbnails aligned by theta
     (``kernels`` as in register)."""
+    if _kernels(prev, kernels):  # up to the exponential in one numba pass instead of ~12 torch ops, the
+        # coverage worked out from the positions there rather than sampled as a fourth channel
+        sources = _sources(theta, prev.shape[-1], kernels)
+        warped = F.grid_sample(prev, sources.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros",
+                               align_corners=False)
+        exponent = cpu_kernels.change_exponent(warped.numpy(), cur.contiguous().numpy(), OUTSIDE, blend_sigma,
+                                               CHANGE_DILATE, sources=sources.numpy())
+        return torch.from_numpy(exponent).exp_().mul_(blend_max)
     covered = torch.ones_like(prev[:, :1])
     warped = _sample(torch.cat([prev, covered], dim=1), theta, "zeros", kernels)
-    if _kernels(warped, kernels):  # up to the exponential in one numba pass instead of ~12 torch ops
-        exponent = cpu_kernels.change_exponent(warped.numpy(), cur.contiguous().numpy(), OUTSIDE, blend_sigma,
-                                               CHANGE_DILATE)
-        return torch.from_numpy(exponent).exp_().mul_(blend_max)
     return _change_weight_torch(warped, cur, blend_max, blend_sigma)
 
 
