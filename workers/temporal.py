@@ -715,9 +715,10 @@ class TemporalBlender:
             starts = np.stack([np.broadcast_to(np.eye(3), relative.shape), relative], axis=1)  # identity and relative
             starts = to_device(torch.as_tensor(starts, dtype=torch.float32), device)
             prev_low = [lowpass[p] if isinstance(p := prev_of[i], int) else p.lowpass for i in linked]
-            cur_low = [lowpass[i] for i in linked]
 
             if per_crop:  # split over the threads, each stacking its own part's thumbnails
+                cur_low = [lowpass[i] for i in linked]
+
                 def align(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
                     return self._align(torch.stack(prev_low[part]), torch.stack(cur_low[part]), starts[part],
                                        kernels=True)
