@@ -335,7 +335,7 @@ def test_a_warp_gone_nan_in_a_batch_leaves_the_other_warps_alone():
     theta = starts[:, 1].clone()
     theta[1] = float("nan")
     cpu = temporal._gauss_newton_on_cpu(theta.numpy().copy(), gray_prev, gray_cur, 2)
-    gpu = temporal._gauss_newton(theta, gray_prev, gray_cur, 2, kernels=False)
+    gpu = temporal._gauss_newton(theta, gray_prev, gray_cur, 2)
     assert np.isnan(cpu[1]).all()
     others = [0, 2, 3]
     assert np.isfinite(cpu[others]).all() and np.abs(cpu[others] - gpu[others].numpy()).max() < 1e-5
@@ -356,7 +356,7 @@ def test_a_face_whose_step_converged_takes_no_more_steps_at_that_level():
     assert moved[0] < temporal.CONVERGED_PX and (moved[1:] >= temporal.CONVERGED_PX).all()  # the case
     assert np.array_equal(three[0], one[0])  # stopped after its first step
     assert all(np.abs(three[i] - one[i]).max() > 1e-6 for i in range(1, 4))  # took the others
-    on_torch = temporal._gauss_newton(theta, gray_prev, gray_cur, 3, kernels=False)
+    on_torch = temporal._gauss_newton(theta, gray_prev, gray_cur, 3)
     assert np.abs(on_torch.numpy() - three).max() < 1e-5
 
 

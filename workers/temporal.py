@@ -279,30 +279,25 @@ def _residual(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, kernel
     return (warped - cur).abs().mean(dim=(1, 2, 3))
 
 
-def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, steps: int, kernels: bool
-                  ) -> torch.Tensor:
+def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, steps: int) -> torch.Tensor:
     """Refine warps theta so that gain * prev(theta(x)) + bias ~ cur(x) in the least-squares
     sense over the pixels that land inside prev; with the best gain and bias that is ECC's
     criterion, the correlation coefficient. Forward compositional Gauss-Newton: with W the
     warped prev and J its gradient times the coordinates (dW / d step), each step solves
         gain * (W + J @ step) + bias = cur
-    linearly for (gain * step, gain, bias), then theta <- theta o (I + step)."""
+    linearly for (gain * step, gain, bias), then theta <- theta o (I + step). The torch ops a
+    GPU runs (a CPU runs _gauss_newton_on_cpu)."""
     n, _, side, _ = cur.shape
     c = _centres(side, cur.device)
-    on_cpu = _kernels(cur, kernels)
-    if not on_cpu:
-        columns = torch.empty((n, 9, side, side), device=cur.device)
-        columns[:, 8:] = cur
+    columns = torch.empty((n, 9, side, side), device=cur.device)
+    columns[:, 8:] = cur
     identity = torch.eye(3, device=cur.device)
     moving = None  # the faces still taking steps at this level (no host sync: a mask, not an index)
     for _ in range(steps):
-        sources = _sources(theta, side, kernels)
+        sources = _sources_summed(theta, side)
         warped = F.grid_sample(prev, sources.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border",
                                align_corners=False)
-        if on_cpu:  # the same sums in one numba pass over the pixels: half the time of the torch ops
-            normal = torch.from_numpy(normal_equations(warped.numpy(), sources.numpy(), c.numpy(), cur.numpy()))
-        else:
-            normal = _normal_equations(warped, sources, c, columns)
+        normal = _normal_equations(warped, sources, c, columns)
         lhs, rhs = normal[..., :8], normal[..., 8:]
         lhs.diagonal(dim1=1, dim2=2).mul_(1 + DAMPING).add_(DAMPING)
         solution = torch.linalg.solve_ex(lhs, rhs).result  # solve() would check for errors: a GPU sync
@@ -413,7 +408,7 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor, *, ker
         while min(pyramid) > REGISTER_LEVELS[0][0]:
             pyramid[min(pyramid) // 2] = _halve(pyramid[min(pyramid)])
         for level, steps in REGISTER_LEVELS:
-            theta = _gauss_newton(theta, *pyramid[level].split(n), steps, kernels)
+            theta = _gauss_newton(theta, *pyramid[level].split(n), steps)
     better = _residual(prev, cur, theta, kernels) <= start_score  # also False where theta went NaN
     return torch.where(better.view(n, 1, 1), theta, start)
 
