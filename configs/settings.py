@@ -97,6 +97,7 @@ class WorkerSettings(_Settings):
     blend_max: float = Field(ge=0, lt=1)
     blend_sigma: float = Field(gt=0)
     cuda_graphs: bool  # on a GPU, the temporal blend's registration as CUDA graphs
+    temporal_state_mib: int = Field(ge=1)  # the tracks' blend state at most (workers.temporal.TemporalBlender.max_bytes)
     models: dict[str, Path]
     redis: str | None  # register here (heartbeat, memory lease)
     prefix: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the keys' prefix in it

@@ -16,7 +16,7 @@ from gpen.testing import deterministic_input, deterministic_state_dict
 from streamer.faces.align import alignment
 from tests.support.clips import ASTRONAUT_LANDMARKS, astronaut
 from workers import wire
-from workers.budget import calibrate, peak_during, weights_bytes
+from workers.budget import calibrate, calibrate_blend, peak_during, weights_bytes
 from workers.restorers import build_restorer
 from workers.temporal import TemporalBlender
 from workers.worker import Worker
@@ -72,14 +72,15 @@ def _crops(frames: int, shift_px: float, seed: int) -> list[tuple[np.ndarray, np
     return out
 
 
-def _restore_tracks(restorer, tracks: list, modes: list[str]) -> tuple[dict, list, int]:
+def _restore_tracks(restorer, tracks: list, modes: list[str], blender: TemporalBlender | None = None
+                    ) -> tuple[dict, list, int]:
     """Every frame of every track through a worker serving ``restorer``, track t with temporal
     mode ``modes[t]``, every credit kept in use (so the model runs a batch while the last one is
     blended, and a track's consecutive frames can share a batch). Returns {(track, frame):
     restored crop}, the blender's track states at the end and its number of CUDA graphs."""
     context = zmq.Context.instance()
     worker = Worker({restorer.name: restorer}, batch=4, batch_wait_ms=20, context=context,
-                    device=str(restorer.device), blender=TemporalBlender(0.85, 0.03))
+                    device=str(restorer.device), blender=blender or TemporalBlender(0.85, 0.03))
     endpoint = worker.bind(f"inproc://cuda-{uuid.uuid4().hex}")
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
@@ -199,3 +200,88 @@ def test_cuda_graphs_give_what_the_eager_ops_give():
     diff = (results[0].float() - results[1].float()).abs()
     print(f"CUDA graphs vs eager: mean |diff| {diff.mean():.2e}, max {diff.max():.0f}")
     assert diff.max() <= 1 and diff.mean() < 1e-3
+
+
+def test_the_blends_memory_model_counts_its_graphs_and_covers_a_blend():
+    """calibrate_blend on a GPU: the state cap plus the CUDA graphs' pool (captured there, one
+    graph per batch size), and a per-crop figure that covers a batch of real crops blended."""
+    blender = TemporalBlender(0.85, 0.03, max_bytes=64 << 20)
+    model = calibrate_blend(blender, GPU, torch.float16, size=256, batch=4)
+    assert len(blender._aligned) == 4 and len(blender) == 0
+    assert model.weights > 64 << 20  # the graphs' pool on top of the states
+    assert model.per_crop >= 256 * 256 * 3 * 2  # a new state's float16 output, at least
+    crops = _crops(2, 1.0, seed=4)
+    inputs = torch.from_numpy(np.stack([c for _, c in crops] * 2)).to(GPU)
+    keys, affines = [("p", "j", t) for t in range(4)], [a for a, _ in crops] * 2
+
+    def blend(frame: int) -> None:
+        blender.blend_batch(keys, [frame] * 4, affines, inputs, inputs.half(), [False] * 4, run_dtype=torch.float16)
+
+    blend(0)
+    peak = peak_during(lambda: blend(1), GPU)
+    predicted = model.needed(4) - model.weights
+    print(f"blend of 4 at 256 px: peak {peak / 2**20:.1f} MiB, predicted {predicted / 2**20:.1f} MiB")
+    assert peak <= predicted * 1.1
+
+
+def test_a_graph_that_cannot_be_captured_stops_the_worker_with_the_setting_to_change():
+    """A blend that waits for the GPU cannot be captured: the worker stops with an error that
+    names worker.cuda_graphs (in a process of its own: a failed capture may leave torch's
+    allocator broken for whatever runs after it)."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import threading, torch
+        from workers.restorers import build_restorer
+        from workers.temporal import TemporalBlender
+        from workers.worker import Worker
+
+        class Syncing(TemporalBlender):
+            def _align(self, prev, cur, starts, kernels=False):
+                theta, weight = super()._align(prev, cur, starts, kernels)
+                if weight.sum().item() < 0:  # a host sync: not allowed while capturing
+                    raise AssertionError
+                return theta, weight
+
+        restorer = build_restorer("standin-0+0ms-64px", device=torch.device("cuda"), dtype=torch.float16)
+        worker = Worker({restorer.name: restorer}, batch=2, batch_wait_ms=5, device="cuda",
+                        blender=Syncing(0.85, 0.03))
+        worker.bind("inproc://capture")
+        try:
+            worker.serve()
+        except RuntimeError as exc:
+            print("SERVE FAILED:", exc)
+        print("ERROR KEPT:", worker.error is not None)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert "SERVE FAILED: capturing the temporal blend's CUDA graph" in done.stdout, done.stdout + done.stderr
+    assert "worker.cuda_graphs: false" in done.stdout and "ERROR KEPT: True" in done.stdout
+
+
+def test_a_batch_goes_to_the_gpu_once_for_the_model_and_the_blend():
+    """The worker uploads a batch's crops once: the model is given them on the GPU, and the
+    blend reads that same memory (a batch with every crop blended: the tensor itself)."""
+    from workers.restorers import StandInRestorer
+
+    given, blended = [], []
+
+    class Recording(StandInRestorer):
+        def restore_on_device(self, crops):
+            given.append(crops)
+            return super().restore_on_device(crops)
+
+    class RecordingBlender(TemporalBlender):
+        def blend_batch(self, keys, frames, affines, inputs, *args, **kwargs):
+            blended.append(inputs)
+            return super().blend_batch(keys, frames, affines, inputs, *args, **kwargs)
+
+    restorer = Recording("standin-0+1ms-256px", 256, 0, 1, device=GPU, dtype=torch.float16)
+    _restore_tracks(restorer, [_crops(3, 1.0, seed) for seed in range(2)], ["full", "full"],
+                    blender=RecordingBlender(0.85, 0.03))
+    assert given and len(given) == len(blended)
+    assert all(isinstance(c, torch.Tensor) and c.is_cuda for c in given)
+    assert all(b.data_ptr() == c.data_ptr() for b, c in zip(blended, given))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from tests.support.redis_server import unique_prefix
-from workers.budget import GpuBudget, leases
+from workers.budget import MIB, GpuBudget, MemoryModel, calibrate, leases
 from workers.residency import Residency
 from workers.restorers import build_restorer
 
@@ -186,3 +186,38 @@ def _raised(call):
     except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
         return exc
     return None
+
+
+def test_a_workers_lease_holds_its_temporal_state_and_blend_workspace(redis_server, worker_settings):
+    """The blend's memory is leased beside the model's: the state cap (temporal_state_mib) in
+    full, and what blending a batch takes, measured (here the outputs alone are 3 MiB a crop)."""
+    from workers.build import build_worker
+
+    r = redis_server.client()
+    prefix = unique_prefix()
+    held = {}
+    for state_mib in (16, 80):
+        budget = GpuBudget(r, f"{prefix}:gpu:test:{state_mib}", "w1", total_mib=100_000)
+        try:
+            worker = build_worker(["standin-0+0ms-512px"], worker_settings(batch=4, temporal_state_mib=state_mib),
+                                  budget=budget)
+            held[state_mib] = budget.mib
+            assert worker.blender.max_bytes == state_mib * MIB
+            assert len(worker.blender) == 0  # the calibration's tracks are gone
+        finally:
+            budget.release()
+    model = calibrate(build_restorer("standin-0+0ms-512px", device=CPU, dtype=torch.float32), CPU, weights=0, batch=4)
+    assert held[16] >= 16 + 4 * 3 + model.needed(4) // MIB
+    assert abs(held[80] - held[16] - 64) <= 8  # the state cap counted once, whole
+
+
+def test_the_blend_is_held_while_a_model_is_loaded_and_comes_back_with_the_next_one():
+    blend = MemoryModel(weights=10 * MIB, per_crop=2 * MIB, workspace=MIB)
+    residency = Residency({"identity": lambda: build_restorer("identity", device=CPU, dtype=torch.float32)},
+                          device=CPU, dtype=torch.float32, batch=4, blend=blend)
+    residency.memory["identity"] = MemoryModel(weights=5 * MIB, per_crop=MIB, workspace=0)
+    assert residency.held_bytes() == 0 and residency._blend_to_come() == 19 * MIB
+    residency.get("identity")
+    assert residency.held_bytes() == 19 * MIB + 9 * MIB and residency._blend_to_come() == 0
+    residency.unload("identity", why="test")
+    assert residency.held_bytes() == 0

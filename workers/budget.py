@@ -8,7 +8,9 @@ The memory model (DESIGN.md section 7): a model at batch b needs
 ``weights`` is counted from the parameters; ``per_crop`` and ``workspace`` are *measured*
 (``calibrate``): the peak memory of a batch of 1 and of a batch of 2, on CUDA from
 ``torch.cuda.max_memory_allocated``, on the CPU from the growth of the process's peak resident
-memory (VmHWM, reset between runs through /proc/self/clear_refs).
+memory (VmHWM, reset between runs through /proc/self/clear_refs). The temporal blend is
+counted the same way beside the models (``calibrate_blend``): its tracks' state cap and, on a
+GPU, its CUDA graphs' pool as its "weights", its batch's working memory measured.
 
 A lease is one field of the GPU's hash ``<prefix>:gpu:<host>:<index>``:
 
@@ -180,6 +182,50 @@ def calibrate(restorer, device: torch.device, *, weights: int, batch: int = 4) -
     return model
 
 
+def calibrate_blend(blender, device: torch.device, run_dtype: torch.dtype, *, size: int, batch: int = 4
+                    ) -> MemoryModel:
+    """The temporal blend's memory, as a MemoryModel: ``weights`` what it holds whatever the
+    batch (the most its tracks' states may take, ``blender.max_bytes``, and on a GPU the memory
+    pool of its CUDA graphs, captured here for batches up to ``batch``); ``per_crop`` and
+    ``workspace`` measured as ``calibrate`` measures a model's, from blends of ``size`` px
+    crops that each continue a track (what a blend costs most). The tracks it made are dropped."""
+    import numpy as np
+
+    batch = max(2, batch)
+    graphs = 0
+    if device.type == "cuda":  # the graphs' pool: reserved by torch, outside its allocated figures
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(device)
+        blender.prepare(device, batch)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        graphs = max(torch.cuda.memory_reserved(device) - before, 0)
+    # noise that moves a pixel between frames: every crop registers, warps and blends
+    crops = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    restored_dtype = torch.uint8 if device.type == "cpu" else run_dtype  # as a restorer leaves them
+    keys = [("calibration", k) for k in range(batch)]
+
+    def blend(n: int, frame: int) -> None:
+        inputs = torch.from_numpy(np.roll(crops[:n], frame, axis=2)).to(device)
+        blender.blend_batch(keys[:n], [frame] * n, [np.eye(3)[:2]] * n, inputs, inputs.to(restored_dtype),
+                            [False] * n, run_dtype=run_dtype)
+
+    try:
+        blend(batch, 0)  # the states to continue (and whatever a first call sets up)
+        blend(1, 1)
+        many = peak_during(lambda: blend(batch, 2), device)
+        one = peak_during(lambda: blend(1, 3), device)
+    finally:
+        blender.drop(("calibration",))
+    per_crop = max((many - one) // (batch - 1), 1)
+    model = MemoryModel(blender.max_bytes + graphs, per_crop, max(one - per_crop, 0))
+    log.info("temporal blend at %d px on %s: states up to %.0f MiB, CUDA graphs %.0f MiB, %.1f MiB per crop, "
+             "workspace %.1f MiB", size, device, blender.max_bytes / MIB, graphs / MIB, per_crop / MIB,
+             model.workspace / MIB)
+    return model
+
+
 def device_total_mib(device: torch.device, configured_mib: int) -> int:
     """The budget of a device: the configured figure, else the GPU's total memory, else (a
     CPU) the machine's memory."""
@@ -282,13 +328,16 @@ def reserve_for_loading(budget: GpuBudget, name: str, settings, dtype: torch.dty
 
 
 def fit_batch(budget: GpuBudget, restorers: dict, device: torch.device, cap: int, stop=None,
-              measured: dict | None = None) -> int:
+              measured: dict | None = None, blend: MemoryModel | None = None) -> int:
     """Measure each model, then hold exactly what the largest batch that fits needs (all models
-    at that batch), never less than batch 1: a worker that cannot have that waits. The
-    measurements go into ``measured`` (name -> MemoryModel) when given."""
+    at that batch, and the temporal ``blend`` at that batch: ``calibrate_blend``), never less
+    than batch 1: a worker that cannot have that waits. The measurements go into ``measured``
+    (name -> MemoryModel) when given."""
     models = [calibrate(r, device, weights=r.weights_bytes(), batch=cap) for r in restorers.values()]
     if measured is not None:
         measured.update(zip(restorers, models))
+    if blend is not None:
+        models.append(blend)
     for batch in range(cap, 0, -1):
         need = -(-sum(m.needed(batch) for m in models) // MIB)
         if budget.acquire(need):

@@ -11,11 +11,11 @@ import zmq
 
 from configs import WorkerSettings
 from workers import cpu_kernels, metrics
-from workers.budget import fit_batch, reserve_for_loading
+from workers.budget import MIB, calibrate_blend, fit_batch, reserve_for_loading
 from workers.residency import Residency, ResidentRestorer
 from workers.restorers import (ModelUnavailable, build_restorer, crop_size, needs_weights, resolve_device,
                                resolve_dtype)
-from workers.temporal import TemporalBlender
+from workers.temporal import TemporalBlender, blend_dtype
 from workers.worker import Worker
 
 
@@ -25,7 +25,8 @@ def build_worker(models: Iterable[str], settings: WorkerSettings, *, device: str
     """A worker serving ``models`` on ``device`` (default: the settings' device). Checkpoints
     come from ``settings.models`` (name -> file) or the weight cache. The first model is loaded
     now, and the batch chosen for it; with a ``budget`` (a ``workers.budget.GpuBudget``) inside
-    the memory lease it grants (``workers.budget.fit_batch``), the other models load when a
+    the memory lease it grants (``workers.budget.fit_batch``; the temporal blend's memory is
+    leased too: ``calibrate_blend``), the other models load when a
     crop needs them (``workers.residency``), without one they load now too. Every checkpoint is
     located (downloaded if allowed) now: a missing one fails here. Raises ModelUnavailable."""
     dev = resolve_device(device or settings.device)
@@ -45,11 +46,21 @@ def build_worker(models: Iterable[str], settings: WorkerSettings, *, device: str
         reserve_for_loading(budget, first, settings, dtype)
     restorer = loader(first)()
     metrics.MODEL_LOADS.labels(kind="restorer").inc()
+    if dev.type == "cpu":  # the CPU blend's kernels: compiled now, not in the first batch (or its calibration)
+        cpu_kernels.warm_up()
+    run_dtypes = {name: dtype if needs_weights(name) else torch.float32 for name in models}
+    blender = TemporalBlender(settings.blend_max, settings.blend_sigma, settings.temporal_state_mib * MIB,
+                              cuda_graphs=settings.cuda_graphs)
     measured: dict = {}
+    blend = None
+    if budget is not None:  # the blend's memory is leased too, measured on the model whose states are largest
+        size, run_dtype = max(((crop_size(name, settings.models.get(name)), run_dtypes[name]) for name in models),
+                              key=lambda s: s[0] ** 2 * blend_dtype(dev, s[1]).itemsize)
+        blend = calibrate_blend(blender, dev, run_dtype, size=size, batch=settings.batch)
     batch = settings.batch if budget is None else fit_batch(budget, {first: restorer}, dev, settings.batch,
-                                                            measured=measured)
+                                                            measured=measured, blend=blend)
     residency = Residency({name: loader(name) for name in models}, device=dev, dtype=dtype, batch=batch,
-                          budget=budget, weights=settings.models, idle_unload_s=settings.idle_unload_s)
+                          budget=budget, weights=settings.models, idle_unload_s=settings.idle_unload_s, blend=blend)
     residency.loaded[first] = restorer
     residency.memory.update(measured)
     residency.last_used[first] = time.monotonic()
@@ -57,12 +68,9 @@ def build_worker(models: Iterable[str], settings: WorkerSettings, *, device: str
         for name in models[1:]:
             residency.get(name)
     restorers = {name: ResidentRestorer(residency, name, crop_size(name, settings.models.get(name)),
-                                        dtype if needs_weights(name) else torch.float32) for name in models}
-    if dev.type == "cpu":  # the CPU blend's kernels: compiled now, not in the first batch
-        cpu_kernels.warm_up()
+                                        run_dtypes[name]) for name in models}
     return Worker(restorers, batch=batch, batch_wait_ms=settings.batch_wait_ms, credits=settings.credits,
-                  device=str(dev), context=context, worker_id=worker_id, residency=residency,
-                  blender=TemporalBlender(settings.blend_max, settings.blend_sigma, cuda_graphs=settings.cuda_graphs))
+                  device=str(dev), context=context, worker_id=worker_id, residency=residency, blender=blender)
 
 
 def _locate(name: str, settings: WorkerSettings, allow_download: bool) -> None:

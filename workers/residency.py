@@ -34,13 +34,15 @@ log = logging.getLogger(__name__)
 
 class Residency:
     def __init__(self, loaders: dict[str, Callable[[], object]], *, device: torch.device, dtype: torch.dtype,
-                 batch: int, budget=None, weights: dict | None = None, idle_unload_s: float | None = None):
+                 batch: int, budget=None, weights: dict | None = None, idle_unload_s: float | None = None,
+                 blend: MemoryModel | None = None):
         self.loaders = loaders  # name -> a function that loads it (a Restorer)
         self.device, self.dtype, self.batch = device, dtype, batch
         self.budget, self.weights = budget, weights or {}
         self.idle_unload_s = idle_unload_s
         self.loaded: OrderedDict[str, object] = OrderedDict()  # least recently used first
         self.memory: dict[str, MemoryModel] = {}
+        self.blend = blend  # the temporal blend's memory (workers.budget.calibrate_blend), leased beside the models'
         self.last_used: dict[str, float] = {}
         self.stop = threading.Event()  # the worker's stop: waiting for memory ends with it
 
@@ -54,8 +56,11 @@ class Residency:
         return restorer
 
     def held_bytes(self, batch: int | None = None) -> int:
+        """What the lease must hold: the loaded models at the batch, and the temporal blend while
+        any is loaded (without a model no crop is blended)."""
         b = batch or self.batch
-        return sum(self.memory[n].needed(b) for n in self.loaded if n in self.memory)
+        blend = self.blend.needed(b) if self.blend is not None and self.loaded else 0
+        return blend + sum(self.memory[n].needed(b) for n in self.loaded if n in self.memory)
 
     def _load(self, name: str):
         if self.budget is not None:
@@ -79,6 +84,10 @@ class Residency:
                  ", ".join(self.loaded) + " in memory")
         return restorer
 
+    def _blend_to_come(self) -> int:
+        """With no model loaded, the blend's memory, which the next one loaded brings back."""
+        return self.blend.needed(self.batch) if self.blend is not None and not self.loaded else 0
+
     def _make_room(self, name: str) -> None:
         """Grow the lease by what loading ``name`` needs (its weights twice: weights and the
         calibration batches), unloading the least recently used models until it can."""
@@ -87,7 +96,7 @@ class Residency:
         said = 0.0
         while True:
             try:
-                if self.budget.acquire(-(-(self.held_bytes() + extra) // MIB)):
+                if self.budget.acquire(-(-(self.held_bytes() + extra + self._blend_to_come()) // MIB)):
                     return
                 why = "other workers hold the rest"
             except RedisError as exc:  # Redis away for a moment: wait for it, unload nothing
@@ -161,7 +170,14 @@ class ResidentRestorer:
         """Load the model now if it is not loaded (the worker does so before timing a run)."""
         return self.residency.get(self.name)
 
-    def run(self, crops: np.ndarray, *, on_device: bool = False):
+    @property
+    def device(self) -> torch.device:
+        """Where its outputs are left: the loaded model's device (a diagnostic restorer's is the
+        host's), else the worker's."""
+        restorer = self.residency.loaded.get(self.name)
+        return restorer.device if restorer is not None else self.residency.device
+
+    def run(self, crops: np.ndarray | torch.Tensor, *, on_device: bool = False):
         return self.residency.get(self.name).run(crops, on_device=on_device)
 
     def weights_bytes(self) -> int:

@@ -81,16 +81,18 @@ class Restorer:
         """crops: N x S x S x 3 uint8 RGB -> same shape and dtype."""
         raise NotImplementedError
 
-    def restore_on_device(self, crops: np.ndarray) -> torch.Tensor:
+    def restore_on_device(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``restore`` with the outputs left on ``device`` for the work that follows there
-        (temporal blending): N x S x S x 3, uint8 or ``dtype`` holding whole numbers 0..255."""
-        return torch.from_numpy(self.restore(crops))
+        (temporal blending): N x S x S x 3, uint8 or ``dtype`` holding whole numbers 0..255.
+        ``crops`` may be a uint8 tensor on ``device`` already (a worker uploads a batch once,
+        for the model and the blend)."""
+        return torch.from_numpy(self.restore(torch.as_tensor(crops).cpu().numpy()))
 
     def weights_bytes(self) -> int:
         """Memory its weights take on the device (0 for restorers without any)."""
         return 0
 
-    def run(self, crops: np.ndarray, *, on_device: bool = False) -> np.ndarray | torch.Tensor:
+    def run(self, crops: np.ndarray | torch.Tensor, *, on_device: bool = False) -> np.ndarray | torch.Tensor:
         """``restore`` in chunks of at most ``max_batch``; an out-of-memory error halves the
         chunk and the same crops are tried again (none is lost, the job goes on), down to one
         crop at a time. The smaller batch is kept from then on. ``on_device``: the outputs of
@@ -138,10 +140,11 @@ class StandInRestorer(IdentityRestorer):
         time.sleep(self.base_s + self.per_crop_s * len(crops))
         return crops.copy()
 
-    def restore_on_device(self, crops: np.ndarray) -> torch.Tensor:
+    def restore_on_device(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
         """On a GPU, like a model there: the outputs on the device, in its run dtype."""
-        restored = torch.from_numpy(self.restore(crops))
-        return restored if self.device.type == "cpu" else restored.to(self.device).to(self.dtype)
+        time.sleep(self.base_s + self.per_crop_s * len(crops))
+        crops = torch.as_tensor(crops)
+        return crops.clone() if self.device.type == "cpu" else crops.to(self.device).to(self.dtype)
 
 
 STANDIN = re.compile(r"^standin-(\d+(?:\.\d+)?)\+(\d+(?:\.\d+)?)ms-(\d+)px$")
@@ -167,8 +170,8 @@ class GPENRestorer(Restorer):
         return self.restore_on_device(crops).to(torch.uint8).contiguous().cpu().numpy()
 
     @torch.inference_mode()
-    def restore_on_device(self, crops: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(crops).to(self.device, non_blocking=True)
+    def restore_on_device(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(crops).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).to(self.dtype) * (2 / 255) - 1  # uint8 RGB -> [-1, 1]
         y = self.model(x)
         y = ((y.float().clamp_(-1, 1) + 1) * 127.5).round_()  # rounds; GPEN truncates

@@ -193,11 +193,11 @@ def _constant(values: tuple, device: torch.device) -> torch.Tensor:
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` (on the host) on ``device``, the copy queued on the current stream: to a GPU
+    """``tensor`` (on the host, or there already) on ``device``, the copy queued on the current stream: to a GPU
     through pinned memory, since a copy from pageable memory can make the host wait for the
     stream's queued work first."""
-    if device.type != "cuda":
-        return tensor.to(device)
+    if device.type != "cuda" or tensor.is_cuda:
+        return tensor.to(device)  # a no-op where it is already
     return tensor.pin_memory().to(device, non_blocking=True)
 
 

@@ -344,14 +344,17 @@ class Worker:
         return _Batch(restorer, items, keys, modelled, outcome)
 
     def _run_model(self, restorer: Restorer, pixels: list[np.ndarray]
-                   ) -> tuple[np.ndarray, torch.Tensor, torch.cuda.Event | None]:
-        """In the model thread: the input crops (host), the restored ones (on the model's device)
-        and, on a GPU, an event that marks them done there (the model's work is only queued)."""
+                   ) -> tuple[np.ndarray | torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+        """In the model thread: the input crops (on a GPU uploaded there once, for the model and
+        the blend; elsewhere a host array), the restored ones (on the model's device) and, on a
+        GPU, an event that marks them done there (the model's work is only queued)."""
         batch = np.stack(pixels)
         load = getattr(restorer, "load", None)
         if load is not None:  # a model loaded on demand: the load is not the run (deadlines are judged by the run)
             load()
         started = time.perf_counter()
+        if restorer.device.type == "cuda":
+            batch = to_device(torch.from_numpy(batch), restorer.device)
         restored = restorer.run(batch, on_device=True)
         took = time.perf_counter() - started
         metrics.MODEL_SECONDS.labels(model=restorer.name).observe(took)
@@ -382,11 +385,13 @@ class Worker:
             return self._blend_here(crops, keys, batch, restored, restorer.dtype)
         with torch.cuda.stream(stream):
             stream.wait_event(ready)  # the model's outputs, done on its stream
-            restored.record_stream(stream)  # their memory is not reused before this stream is done with them
+            for tensor in (batch, restored):  # their memory is not reused before this stream is done with them
+                if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                    tensor.record_stream(stream)
             return self._blend_here(crops, keys, batch, restored, restorer.dtype)
 
-    def _blend_here(self, crops: list[wire.Crop], keys: list[tuple], batch: np.ndarray, restored: torch.Tensor,
-                    run_dtype: torch.dtype) -> tuple[np.ndarray, dict[int, str]]:
+    def _blend_here(self, crops: list[wire.Crop], keys: list[tuple], batch: np.ndarray | torch.Tensor,
+                    restored: torch.Tensor, run_dtype: torch.dtype) -> tuple[np.ndarray, dict[int, str]]:
         """_blend on the current stream. Its only wait for a GPU is the copy of the outputs to
         the host at the end (copies to it are queued: workers.temporal.to_device)."""
         outputs = restored.to(torch.uint8)  # whole numbers already
@@ -399,9 +404,10 @@ class Worker:
             try:
                 every = len(full) == len(crops)
                 where = None if every else to_device(torch.tensor(full), restored.device)
+                inputs = to_device(torch.as_tensor(batch), restored.device)  # there already on a GPU
                 blended = self.blender.blend_batch(
                     [keys[i] for i in full], [crops[i].frame for i in full], [crops[i].affine for i in full],
-                    to_device(torch.from_numpy(batch if every else batch[full]), restored.device),
+                    inputs if every else inputs.index_select(0, where),
                     restored if every else restored.index_select(0, where), [crops[i].reset for i in full],
                     run_dtype=run_dtype)
                 outputs = blended if every else outputs.index_copy(0, where, blended)
