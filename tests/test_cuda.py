@@ -250,11 +250,12 @@ def test_a_graph_that_cannot_be_captured_stops_the_worker_with_the_setting_to_ch
         worker = Worker({restorer.name: restorer}, batch=2, batch_wait_ms=5, device="cuda",
                         blender=Syncing(0.85, 0.03))
         worker.bind("inproc://capture")
+        worker.stop_event.set()  # had the capture passed, serve() would return at once
         try:
             worker.serve()
         except RuntimeError as exc:
-            print("SERVE FAILED:", exc)
-        print("ERROR KEPT:", worker.error is not None)
+            print("SERVE FAILED:", exc, flush=True)
+        print("ERROR KEPT:", worker.error is not None, flush=True)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)

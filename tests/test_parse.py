@@ -70,8 +70,8 @@ def test_a_zero_mask_leaves_the_frame_untouched():
 
 
 def test_restore_with_face_parsing_masks(tmp_path, parsenet_weights, settings, worker_settings, engine_settings):
-    clip = make_clip(tmp_path / "in.mp4", frames=2)
+    clip = make_clip(tmp_path / "in.mp4", frames=1)  # one face: ParseNet takes 3-10 s a face on a CPU
     result = restore_file(clip.path, tmp_path / "out.mp4",
                           settings(model="identity", mask="parse"), worker_settings(),
                           engine_settings=engine_settings(parser_weights=parsenet_weights), faces_file=clip.faces_path)
-    assert result.faces == 2 and len(read_frames(tmp_path / "out.mp4")[0]) == 2
+    assert result.faces == 1 and len(read_frames(tmp_path / "out.mp4")[0]) == 1

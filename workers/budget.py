@@ -208,8 +208,11 @@ def calibrate_blend(blender, device: torch.device, run_dtype: torch.dtype, *, si
 
     def blend(n: int, frame: int) -> None:
         inputs = torch.from_numpy(np.roll(crops[:n], frame, axis=2)).to(device)
-        blender.blend_batch(keys[:n], [frame] * n, [np.eye(3)[:2]] * n, inputs, inputs.to(restored_dtype),
-                            [False] * n, run_dtype=run_dtype)
+        restored = inputs.to(restored_dtype)
+        outputs = restored.to(torch.uint8)  # as the worker's blend thread holds them meanwhile
+        blender.blend_batch(keys[:n], [frame] * n, [np.eye(3)[:2]] * n, inputs, restored, [False] * n,
+                            run_dtype=run_dtype)
+        del outputs
 
     try:
         blend(batch, 0)  # the states to continue (and whatever a first call sets up)

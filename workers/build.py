@@ -13,7 +13,7 @@ from configs import WorkerSettings
 from workers import cpu_kernels, metrics
 from workers.budget import MIB, calibrate_blend, fit_batch, reserve_for_loading
 from workers.residency import Residency, ResidentRestorer
-from workers.restorers import (ModelUnavailable, build_restorer, crop_size, needs_weights, resolve_device,
+from workers.restorers import (IDENTITY, ModelUnavailable, build_restorer, crop_size, needs_weights, resolve_device,
                                resolve_dtype)
 from workers.temporal import TemporalBlender, blend_dtype
 from workers.worker import Worker
@@ -53,9 +53,12 @@ def build_worker(models: Iterable[str], settings: WorkerSettings, *, device: str
                               cuda_graphs=settings.cuda_graphs)
     measured: dict = {}
     blend = None
-    if budget is not None:  # the blend's memory is leased too, measured on the model whose states are largest
-        size, run_dtype = max(((crop_size(name, settings.models.get(name)), run_dtypes[name]) for name in models),
-                              key=lambda s: s[0] ** 2 * blend_dtype(dev, s[1]).itemsize)
+    # the blend's memory is leased too, measured for the model whose states are largest (identity
+    # restores, so blends, on the host whatever the device)
+    blended_here = [(crop_size(name, settings.models.get(name)), run_dtypes[name]) for name in models
+                    if dev.type == "cpu" or name != IDENTITY]
+    if budget is not None and blended_here:
+        size, run_dtype = max(blended_here, key=lambda s: s[0] ** 2 * blend_dtype(dev, s[1]).itemsize)
         blend = calibrate_blend(blender, dev, run_dtype, size=size, batch=settings.batch)
     batch = settings.batch if budget is None else fit_batch(budget, {first: restorer}, dev, settings.batch,
                                                             measured=measured, blend=blend)

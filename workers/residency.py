@@ -56,11 +56,15 @@ class Residency:
         return restorer
 
     def held_bytes(self, batch: int | None = None) -> int:
-        """What the lease must hold: the loaded models at the batch, and the temporal blend while
-        any is loaded (without a model no crop is blended)."""
+        """What the lease must hold: the loaded models at the batch, and the temporal blend: its
+        states and graphs always (they stay when models unload), its batch's working memory
+        while a model is loaded (without one no crop is blended)."""
         b = batch or self.batch
-        blend = self.blend.needed(b) if self.blend is not None and self.loaded else 0
+        blend = 0 if self.blend is None else self.blend.weights + (self._blend_batch(b) if self.loaded else 0)
         return blend + sum(self.memory[n].needed(b) for n in self.loaded if n in self.memory)
+
+    def _blend_batch(self, batch: int) -> int:
+        return self.blend.needed(batch) - self.blend.weights
 
     def _load(self, name: str):
         if self.budget is not None:
@@ -85,8 +89,8 @@ class Residency:
         return restorer
 
     def _blend_to_come(self) -> int:
-        """With no model loaded, the blend's memory, which the next one loaded brings back."""
-        return self.blend.needed(self.batch) if self.blend is not None and not self.loaded else 0
+        """With no model loaded, the blend's working memory, which the next one loaded brings back."""
+        return self._blend_batch(self.batch) if self.blend is not None and not self.loaded else 0
 
     def _make_room(self, name: str) -> None:
         """Grow the lease by what loading ``name`` needs (its weights twice: weights and the
