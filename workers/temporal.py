@@ -140,18 +140,14 @@ def _gaussian_taps() -> np.ndarray:
 def thumbnails(crops: torch.Tensor, opencv: bool) -> torch.Tensor:
     """N x S x S x 3 crops -> N x 3 x LOWPASS_SIZE^2 float32: area-averaged, then Gaussian
     low-passed, mirrored at the edges. ``opencv``: crop by crop (CPU tensors only)."""
-    return _thumbnails_opencv(crops) if opencv else _thumbnails_torch(crops)
-
-
-def _thumbnails_opencv(crops: torch.Tensor) -> torch.Tensor:
-    return torch.stack(_thumbnail_each(crops))
+    return torch.stack(_thumbnail_each(crops)) if opencv else _thumbnails_torch(crops)
 
 
 def _thumbnail_each(crops: torch.Tensor) -> list[torch.Tensor]:
     """thumbnails(crops, opencv=True) as one 3 x L x L tensor per crop, each its own memory: a
     track's state keeps its crop's, and a batch is stacked only where it is registered (in the
     thread that registers it). GPEN's crop sizes go through one numba pass
-    (workers.cpu_kernels.thumbnail, 2.5-3x OpenCV's time), others through OpenCV."""
+    (workers.cpu_kernels.thumbnail, 2.5-3x OpenCV's speed), others through OpenCV."""
     side = (LOWPASS_SIZE, LOWPASS_SIZE)
     small = []
     taps = _gaussian_taps().astype(np.float32)
