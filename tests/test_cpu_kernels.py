@@ -130,11 +130,19 @@ for trial in range(300):
     theta = np.tile(np.eye(3, dtype=np.float32), (n, 1, 1))
     where = cpu_kernels.sources(theta, centres)
     cpu_kernels.normal_equations(planes, where, centres, planes)
+    cpu_kernels.gauss_newton(theta + rng.normal(0, 0.3, theta.shape).astype(np.float32), planes, planes[::-1].copy(), 2,
+                             centres, 1e-6, 0.1, 1.0, 0.0)
     cpu_kernels.gray(thumbs, np.ones(3))
     cpu_kernels.mean_abs_difference(planes, planes)
     cpu_kernels.change_exponent(np.concatenate([thumbs, planes], axis=1), thumbs, -1e4, 0.1, [3, 5, 7][trial % 3])
     cpu_kernels.change_exponent(thumbs, thumbs, -1e4, 0.1, [3, 5, 7][trial % 3], where)
     cpu_kernels.halve(rng.uniform(0, 1, (n, 2, 2 * side, 4 * side)).astype(np.float32))
+    spread = [0.02, 0.5][trial % 2]
+    theta = np.tile(np.eye(3, dtype=np.float32), (n, 1, 1)) + rng.normal(0, spread, (n, 3, 3)).astype(np.float32)
+    for border in (True, False):
+        cpu_kernels.sample(rng.uniform(0, 255, (n, ch, side, int(rng.integers(1, 9)))).astype(np.float32), theta, border)
+    cpu_kernels.residual(thumbs, thumbs[::-1].copy(), theta)
+    cpu_kernels.change_exponent_at(thumbs, thumbs, theta, centres, -1e4, 0.1, [3, 5, 7][trial % 3])
     small = int(rng.integers(3, 9))
     crop = rng.integers(0, 256, (small * 2 ** int(rng.integers(0, 4)),) * 2 + (3,), dtype=np.uint8)
     cpu_kernels.thumbnail(crop, small, np.full(5, 0.2, np.float32))
@@ -382,6 +390,84 @@ def test_the_change_map_works_out_the_coverage_grid_sample_would_sample():
         cpu_kernels.change_exponent(sampled.numpy(), cur.numpy(), temporal.OUTSIDE, 0.05, 3, sources=sources.numpy())
 
 
+SAMPLE_WARPS = {  # normalised, as workers.temporal's registration makes them
+    "identity": np.eye(3),
+    "sub-pixel shift": np.array([[1.0, 0, 0.013], [0, 1, -0.021], [0, 0, 1]]),
+    "tracked face, frame to frame": np.array([[0.9646, 0.0716, -0.0128], [-0.0716, 0.9643, 0.0052], [0, 0, 1]]),
+    "large rotation": np.array([[0.82, -0.57, 0.1], [0.57, 0.82, -0.05], [0, 0, 1]]),
+    "zoomed out": np.array([[1.3, 0, 0], [0, 1.25, 0], [0, 0, 1]]),
+    "mirrored": np.array([[-1.0, 0, 0.02], [0, 1, 0], [0, 0, 1]]),
+    "far outside": np.array([[1.0, 0, 4e5], [0, 1, -3e5], [0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLE_WARPS)
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+@pytest.mark.parametrize("shape", [(2, 1, 128, 128), (1, 3, 32, 32), (2, 3, 5, 9)])
+def test_the_bilinear_sample_is_torchs_grid_sample(name, padding, shape):
+    """Runs over two source rows, pixels with a tap outside one at a time: grid_sample's values
+    (float32 rounding apart) for either padding, on any shape, for warps that cut rows into
+    short runs or leave the image."""
+    import torch
+
+    from workers import cpu_kernels
+
+    rng = np.random.default_rng(sum(shape))
+    images = rng.uniform(0, 255, shape).astype(np.float32)
+    theta = np.repeat(SAMPLE_WARPS[name][None].astype(np.float32), shape[0], axis=0)
+    h, w = shape[2:]
+    centres_x = (np.arange(w) * 2 + 1) / w - 1
+    centres_y = (np.arange(h) * 2 + 1) / h - 1
+    xs, ys = np.meshgrid(centres_x, centres_y)
+    grid = np.stack([theta[:, 0, 0, None, None] * xs + theta[:, 0, 1, None, None] * ys + theta[:, 0, 2, None, None],
+                     theta[:, 1, 0, None, None] * xs + theta[:, 1, 1, None, None] * ys + theta[:, 1, 2, None, None]],
+                    axis=-1)
+    expected = torch.nn.functional.grid_sample(torch.from_numpy(images), torch.from_numpy(grid.astype(np.float32)),
+                                               mode="bilinear", padding_mode=padding, align_corners=False).numpy()
+    got = cpu_kernels.sample(images, theta, border=padding == "border")
+    assert got.shape == images.shape and np.abs(got - expected).max() < 0.01  # of 0..255
+    if name == "far outside":
+        assert (got == (0 if padding == "zeros" else got[:, :, :1, :1])).all()
+
+
+def test_a_warp_that_is_not_finite_samples_nan():
+    """The registration keeps its start where refining went NaN: its check must see NaN, not a
+    border value; and the kernel must read only the image meanwhile."""
+    from workers import cpu_kernels
+
+    images = np.ones((3, 1, 8, 8), np.float32)
+    theta = np.repeat(np.eye(3, dtype=np.float32)[None], 3, axis=0)
+    theta[1, 0, 0] = np.nan
+    theta[2, 1, 2] = np.inf
+    for border in (True, False):
+        got = cpu_kernels.sample(images, theta, border)
+        assert (got[0] == 1).all() and np.isnan(got[1:]).all()
+
+
+def test_the_residual_and_the_change_map_at_warps_are_the_sample_then_the_sums():
+    """The registration's scores and the change map sample face by face into a small work
+    array: the same numbers as sampling the batch, then summing."""
+    from workers import cpu_kernels, temporal
+
+    rng = np.random.default_rng(16)
+    prev = rng.uniform(0, 255, (3, 3, 32, 32)).astype(np.float32)
+    cur = (prev + rng.normal(0, 4, prev.shape)).astype(np.float32)
+    theta = np.stack([SAMPLE_WARPS[name] for name in ("sub-pixel shift", "tracked face, frame to frame",
+                                                      "zoomed out")]).astype(np.float32)
+    theta[2, 0, 0] = np.nan  # NaN in, NaN out
+    expected = cpu_kernels.mean_abs_difference(cpu_kernels.sample(prev, theta, border=True), cur)
+    got = cpu_kernels.residual(prev, cur, theta)
+    assert np.array_equal(got[:2], expected[:2]) and np.isnan(got[2]) and np.isnan(expected[2])
+    theta[2, 0, 0] = 1.25
+    cur = (cpu_kernels.sample(prev, theta, border=True) + rng.normal(0, 1, prev.shape)).astype(np.float32)  # aligned
+    centres = temporal._centres(32, "cpu").numpy()
+    where = cpu_kernels.sources(theta, centres)
+    expected = cpu_kernels.change_exponent(cpu_kernels.sample(prev, theta, border=False), cur, -1e4, 0.05, 3, where)
+    got = cpu_kernels.change_exponent_at(prev, cur, theta, centres, -1e4, 0.05, 3)
+    assert np.array_equal(got, expected)
+    assert (got < -100).any() and (got > -1).any()  # the uncovered edge is in the case, and blending pixels
+
+
 def test_gray_and_the_mean_difference_are_plain_sums():
     from workers import cpu_kernels, temporal
 
@@ -428,9 +514,9 @@ def test_what_a_gpu_runs_runs_on_a_cpu_without_the_kernels(monkeypatch):
         raise AssertionError("a numba kernel ran")
 
     for name in ("warp_blend", "warp_cubic", "normal_equations", "sources", "gray", "mean_abs_difference",
-                 "change_exponent", "gauss_newton_update", "thumbnail", "halve"):
+                 "change_exponent", "gauss_newton_update", "gauss_newton", "thumbnail", "halve", "sample", "residual",
+                 "change_exponent_at"):
         monkeypatch.setattr(cpu_kernels, name, refuse)
-    monkeypatch.setattr(temporal, "normal_equations", refuse)
     monkeypatch.setattr(temporal, "warp_blend", refuse)
     rng = np.random.default_rng(13)
     blender = temporal.TemporalBlender(0.85, 0.05, opencv_on_cpu=False)

@@ -334,7 +334,7 @@ def test_a_warp_gone_nan_in_a_batch_leaves_the_other_warps_alone():
     gray_prev, gray_cur = temporal._gray(prev, kernels=False), temporal._gray(cur, kernels=False)
     theta = starts[:, 1].clone()
     theta[1] = float("nan")
-    cpu = temporal._gauss_newton_on_cpu(theta.numpy().copy(), gray_prev, gray_cur, 2)
+    cpu = temporal._gauss_newton_on_cpu(theta.numpy(), gray_prev.numpy(), gray_cur.numpy(), 2)
     gpu = temporal._gauss_newton(theta, gray_prev, gray_cur, 2)
     assert np.isnan(cpu[1]).all()
     others = [0, 2, 3]
@@ -350,8 +350,8 @@ def test_a_face_whose_step_converged_takes_no_more_steps_at_that_level():
     theta = starts[:, 1].clone()
     theta[0] = torch.eye(3)
     theta[1:, :2, 2] += 3 / temporal.LOWPASS_SIZE  # 1.5 px off: steps to take
-    one = temporal._gauss_newton_on_cpu(theta.numpy().copy(), gray_prev, gray_cur, 1)
-    three = temporal._gauss_newton_on_cpu(theta.numpy().copy(), gray_prev, gray_cur, 3)
+    one = temporal._gauss_newton_on_cpu(theta.numpy(), gray_prev.numpy(), gray_cur.numpy(), 1)
+    three = temporal._gauss_newton_on_cpu(theta.numpy(), gray_prev.numpy(), gray_cur.numpy(), 3)
     moved = temporal.corners_moved(torch.from_numpy(one), theta) * temporal.LOWPASS_SIZE / 2
     assert moved[0] < temporal.CONVERGED_PX and (moved[1:] >= temporal.CONVERGED_PX).all()  # the case
     assert np.array_equal(three[0], one[0])  # stopped after its first step

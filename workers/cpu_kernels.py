@@ -17,12 +17,14 @@ Full size, per crop:
   pass, a row at a time while the row is in cache.
 - Both take ``rows``: a band of the output rows, so that threads can share one crop.
 
-Thumbnails (registration and the change map), per batch: ``normal_equations`` (a Gauss-Newton
-step's sums), ``gauss_newton_update`` (its damped 8x8 solve and the warp's update),
-``sources`` (sampling positions), ``gray``, ``halve`` (the pyramid), ``mean_abs_difference``
-and ``change_exponent``, each one pass instead of several torch or numpy ops over the whole
-batch; torch's vectorized grid_sample still does the sampling, and the change map's
-exponential. Per crop, ``thumbnail`` makes a crop's thumbnail from its uint8 pixels.
+Thumbnails (registration and the change map), per batch: ``sample`` (grid_sample's bilinear
+sampling, a row cut into runs as in warp_cubic), ``normal_equations`` (a Gauss-Newton step's
+sums), ``gauss_newton_update`` (its damped 8x8 solve and the warp's update), ``gauss_newton``
+(a pyramid level's steps, those three and ``sources`` face by face), ``residual`` (the
+registration's score), ``gray``, ``halve`` (the pyramid), ``mean_abs_difference`` and
+``change_exponent`` / ``change_exponent_at``, each one pass instead of several torch or numpy
+ops over the whole batch; torch still takes the change map's exponential. Per crop,
+``thumbnail`` makes a crop's thumbnail from its uint8 pixels.
 
 Indices in vectorized loops are unsigned on purpose: numba wraps negative indices around, and
 the check for that kept LLVM from vectorizing (it ran ~4x slower). Fast-math is limited to
@@ -555,6 +557,44 @@ def gauss_newton_update(theta: np.ndarray, normal: np.ndarray, damping: float, m
 
 
 @_compile
+def _gauss_newton(theta, prev, cur, steps, centres, damping, min_gain, scale, converged, out):
+    side = centres.shape[0]
+    where = np.empty((1, 2, side, side), np.float32)
+    warped = np.empty((1, 1, side, side), np.float32)
+    normal = np.empty((1, 8, 9), np.float32)
+    moved = np.empty(1, np.float32)
+    for k in range(theta.shape[0]):
+        t = out[k:k + 1]
+        t[:] = theta[k:k + 1]
+        for _ in range(steps):
+            _sources(t, centres, where)
+            _sample(prev[k:k + 1], t, True, warped)
+            _normal_equations(warped, where, centres, cur[k:k + 1], normal)
+            _gauss_newton_update(t.copy(), normal, damping, min_gain, scale, t, moved)
+            if not moved[0] >= converged:  # NaN too
+                break
+
+
+def gauss_newton(theta: np.ndarray, prev: np.ndarray, cur: np.ndarray, steps: int, centres: np.ndarray,
+                 damping: float, min_gain: float, scale: float, converged: float) -> np.ndarray:
+    """workers.temporal's Gauss-Newton steps at one pyramid level, all of them in one call: per
+    pair of thumbnails (N x 1 x S x S, float32), up to ``steps`` of (sampling positions, prev
+    sampled there with the border repeated, normal_equations, gauss_newton_update), stopping
+    after a step that moved the image's corners less than ``converged`` (normalised units). Face
+    by face, so a face that stopped costs nothing more (in four calls a step, the faces still
+    moving were copied out first), and no GIL between steps. Returns the N x 3 x 3 warps."""
+    n, _, side, _ = cur.shape
+    if theta.shape != (n, 3, 3) or prev.shape != cur.shape or cur.shape[1] != 1 or centres.shape != (side,):
+        raise ValueError(f"gauss_newton takes N x 3 x 3 warps, two N x 1 x S x S thumbnails and S centres, not "
+                         f"{theta.shape}, {prev.shape}, {cur.shape}, {centres.shape}")
+    out = np.empty((n, 3, 3), np.float32)
+    _gauss_newton(np.ascontiguousarray(theta, dtype=np.float32), np.ascontiguousarray(prev, dtype=np.float32),
+                  np.ascontiguousarray(cur, dtype=np.float32), steps, np.ascontiguousarray(centres, dtype=np.float32),
+                  np.float32(damping), np.float32(min_gain), np.float32(scale), np.float32(converged), out)
+    return out
+
+
+@_compile
 def _halve(images, out):
     for k in range(images.shape[0]):
         for c in range(images.shape[1]):
@@ -731,6 +771,151 @@ def sources(theta: np.ndarray, centres: np.ndarray) -> np.ndarray:
 _LARGEST = 1e100  # a warp coefficient beyond this is nonsense, and its products could overflow
 
 
+@_compile
+def _sample(images, theta, border, out):
+    n, channels, h, w = images.shape
+    one, zero = np.float32(1), np.float32(0)
+    sx = np.empty(w, np.float64)  # a row's source positions, clamped to where they can matter
+    sy = np.empty(w, np.float64)
+    ix = np.empty(w, np.int32)  # and their floors
+    iy = np.empty(w, np.int32)
+    for k in range(n):
+        # the normalised warp in pixels: x' = m00 x + m01 y + m02 (pixel centres at 0..w-1; a
+        # normalised unit is w / 2 pixels across, h / 2 down)
+        t00, t01, t02 = np.float64(theta[k, 0, 0]), np.float64(theta[k, 0, 1]), np.float64(theta[k, 0, 2])
+        t10, t11, t12 = np.float64(theta[k, 1, 0]), np.float64(theta[k, 1, 1]), np.float64(theta[k, 1, 2])
+        m00, m01, m10, m11 = t00, t01 * w / h, t10 * h / w, t11
+        m02 = (m00 * (1 - w) + m01 * (1 - h)) * 0.5 + (t02 + 1) * w * 0.5 - 0.5
+        m12 = (m10 * (1 - w) + m11 * (1 - h)) * 0.5 + (t12 + 1) * h * 0.5 - 0.5
+        if not (abs(m00) < _LARGEST and abs(m01) < _LARGEST and abs(m02) < _LARGEST
+                and abs(m10) < _LARGEST and abs(m11) < _LARGEST and abs(m12) < _LARGEST):
+            out[k] = np.nan  # a warp gone NaN or infinite samples nothing (the caller's checks see NaN)
+            continue
+        dx, dy = np.float32(m00 - 1), np.float32(m10)  # per column: what the fractions move by
+        for y in range(h):
+            bx = m01 * y + m02
+            by = m11 * y + m12
+            for x in range(w):
+                sx[x] = min(max(m00 * x + bx, -2.0), w + 1.0)
+                sy[x] = min(max(m10 * x + by, -2.0), h + 1.0)
+                ix[x] = np.int32(np.floor(sx[x]))
+                iy[x] = np.int32(np.floor(sy[x]))
+            x = 0
+            while x < w:
+                jx, jy = ix[x], iy[x]
+                if 0 <= jx and jx + 1 <= w - 1 and 0 <= jy and jy + 1 <= h - 1:
+                    # a run: the same two source rows, one source column per output column (a
+                    # scan over the floors: runs on thumbnails are short, where _run_end's guess costs more)
+                    limit = min(w, w - 1 - jx + x)
+                    end = x + 1
+                    while end < limit and iy[end] == jy and ix[end] - end == jx - x:
+                        end += 1
+                    fx0 = np.float32(bx - (jx - x))  # relative to the run's floors: small, exact in float32
+                    fy0 = np.float32(by - jy)
+                    shift = np.uint64(jx - x)
+                    for c in range(channels):
+                        upper, lower, row = images[k, c, jy], images[k, c, jy + 1], out[k, c, y]
+                        for j in range(np.uint64(x), np.uint64(end)):
+                            fx = dx * np.float32(j) + fx0
+                            fy = dy * np.float32(j) + fy0
+                            s = j + shift
+                            top = upper[s] + fx * (upper[s + np.uint64(1)] - upper[s])
+                            bottom = lower[s] + fx * (lower[s + np.uint64(1)] - lower[s])
+                            row[j] = top + fy * (bottom - top)
+                    x = max(end, x + 1)
+                else:  # a tap outside: grid_sample's padding, pixel by pixel
+                    px, py = m00 * x + bx, m10 * x + by
+                    if border:  # the position clamped into the image
+                        px, py = min(max(px, 0.0), w - 1.0), min(max(py, 0.0), h - 1.0)
+                    else:  # taps outside count zero (beyond 2 pixels out, all of them)
+                        px, py = min(max(px, -2.0), w + 1.0), min(max(py, -2.0), h + 1.0)
+                    x0, y0 = np.floor(px), np.floor(py)
+                    fx, fy = np.float32(px - x0), np.float32(py - y0)
+                    a, b = np.int64(x0), np.int64(y0)
+                    wx0 = (one - fx) if 0 <= a <= w - 1 else zero
+                    wx1 = fx if 0 <= a + 1 <= w - 1 else zero
+                    wy0 = (one - fy) if 0 <= b <= h - 1 else zero
+                    wy1 = fy if 0 <= b + 1 <= h - 1 else zero
+                    xa, xb = min(max(a, 0), w - 1), min(max(a + 1, 0), w - 1)
+                    ya, yb = min(max(b, 0), h - 1), min(max(b + 1, 0), h - 1)
+                    for c in range(channels):
+                        p = images[k, c]
+                        out[k, c, y, x] = (p[ya, xa] * wx0 + p[ya, xb] * wx1) * wy0 \
+                            + (p[yb, xa] * wx0 + p[yb, xb] * wx1) * wy1
+                    x += 1
+
+
+def sample(images: np.ndarray, theta: np.ndarray, border: bool) -> np.ndarray:
+    """``F.grid_sample(images, grid, mode="bilinear", padding_mode="border" if border else
+    "zeros", align_corners=False)`` with the grid of the normalised warps ``theta`` (N x 3 x 3,
+    as workers.temporal uses them), for float32 images N x C x H x W. torch samples pixel by
+    pixel through vectorized gathers; here, as in warp_cubic, a row is cut into runs that read
+    the same two source rows, one source column per output column, which vectorize over
+    contiguous memory (2-5x torch's speed on 128 px thumbnails; float32 rounding apart, the
+    same values). A warp that is not finite gives NaN."""
+    if images.ndim != 4 or theta.shape != (images.shape[0], 3, 3):
+        raise ValueError(f"sample takes N x C x H x W images and N x 3 x 3 warps, not {images.shape}, {theta.shape}")
+    out = np.empty(images.shape, np.float32)
+    _sample(np.ascontiguousarray(images, dtype=np.float32), np.ascontiguousarray(theta, dtype=np.float32),
+            bool(border), out)
+    return out
+
+
+
+
+@_compile
+def _residual(prev, cur, theta, out):
+    n, channels, h, w = cur.shape
+    warped = np.empty((1, channels, h, w), np.float32)
+    total = np.empty(1, np.float32)
+    for k in range(n):
+        _sample(prev[k:k + 1], theta[k:k + 1], True, warped)
+        _mean_abs_difference(warped, cur[k:k + 1], total)
+        out[k] = total[0]
+
+
+def residual(prev: np.ndarray, cur: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Per pair of thumbnails (N x C x H x W float32), mean |prev(theta(x)) - cur(x)|, prev
+    sampled as ``sample`` samples it with the border repeated (NaN for a warp that is not
+    finite): workers.temporal's registration scores. Face by face through one small work
+    array: a batch's samples written out and read back cost fresh memory and cache misses."""
+    if prev.shape != cur.shape or prev.ndim != 4 or theta.shape != (cur.shape[0], 3, 3):
+        raise ValueError(f"residual takes two N x C x H x W arrays and N x 3 x 3 warps, not {prev.shape}, "
+                         f"{cur.shape}, {theta.shape}")
+    out = np.empty(cur.shape[0], np.float32)
+    _residual(np.ascontiguousarray(prev, dtype=np.float32), np.ascontiguousarray(cur, dtype=np.float32),
+              np.ascontiguousarray(theta, dtype=np.float32), out)
+    return out
+
+
+@_compile
+def _change_exponent_at(prev, cur, theta, centres, outside, blend_sigma, reach, out):
+    n, channels, h, w = cur.shape
+    warped = np.empty((1, channels, h, w), np.float32)
+    where = np.empty((1, 2, h, w), np.float32)
+    for k in range(n):
+        _sample(prev[k:k + 1], theta[k:k + 1], False, warped)
+        _sources(theta[k:k + 1], centres, where)
+        _change_exponent(warped, cur[k:k + 1], where, outside, blend_sigma, reach, out[k:k + 1])
+
+
+def change_exponent_at(prev: np.ndarray, cur: np.ndarray, theta: np.ndarray, centres: np.ndarray, outside: float,
+                       blend_sigma: float, dilate: int) -> np.ndarray:
+    """change_exponent with the previous thumbnails (N x C x L x L) sampled here at warps
+    ``theta`` (as ``sample`` samples, zeros padding) and the coverage worked out from the
+    sampling positions (pixel centres at ``centres`` along each axis): face by face through
+    small work arrays, one call for the batch."""
+    n, channels, h, w = cur.shape
+    if prev.shape != cur.shape or theta.shape != (n, 3, 3) or h != w or centres.shape != (w,):
+        raise ValueError(f"change_exponent_at takes two N x C x L x L arrays, N x 3 x 3 warps and L centres, not "
+                         f"{prev.shape}, {cur.shape}, {theta.shape}, {centres.shape}")
+    out = np.empty((n, 1, h, w), np.float32)
+    _change_exponent_at(np.ascontiguousarray(prev, dtype=np.float32), np.ascontiguousarray(cur, dtype=np.float32),
+                        np.ascontiguousarray(theta, dtype=np.float32), np.ascontiguousarray(centres, dtype=np.float32),
+                        np.float32(outside), np.float32(blend_sigma), dilate // 2, out)
+    return out
+
+
 def _check_warp(src: np.ndarray, m, out: np.ndarray | None, rows: tuple[int, int] | None
                 ) -> tuple[np.ndarray, np.ndarray, int, int]:
     if src.dtype != np.float32 or src.ndim != 3 or not src.flags.c_contiguous:
@@ -814,6 +999,11 @@ def warm_up() -> None:
     change_exponent(np.zeros((1, 4, 4, 4), np.float32), thumbs, -1e4, 0.1, 3)
     change_exponent(thumbs, thumbs, -1e4, 0.1, 3, np.zeros((1, 2, 4, 4), np.float32))
     sources(np.zeros((1, 3, 3), np.float32), np.zeros(4, np.float32))
+    for border in (True, False):
+        sample(thumbs, np.eye(3, dtype=np.float32)[None], border)
+    residual(thumbs, thumbs, np.eye(3, dtype=np.float32)[None])
+    change_exponent_at(thumbs, thumbs, np.eye(3, dtype=np.float32)[None], np.zeros(4, np.float32), -1e4, 0.1, 3)
     gauss_newton_update(np.eye(3, dtype=np.float32)[None], np.eye(8, 9, dtype=np.float32)[None], 1e-6, 0.1, 1.0)
+    gauss_newton(np.eye(3, dtype=np.float32)[None], planes, planes, 2, np.zeros(4, np.float32), 1e-6, 0.1, 1.0, 0.1)
     thumbnail(np.zeros((8, 8, 3), np.uint8), 4, np.full(5, 0.2, np.float32))
     halve(planes)

@@ -31,10 +31,12 @@ uint8 crop, and OpenCV's bicubic warp fused with the blend, 1.1-3x OpenCV's spee
 the CPU and the motion), several times faster there than torch's batched maths, and the batch
 is split over ``cpu_threads`` threads (the caller's and helpers'), torch on one thread in each:
 by crops, or by bands of rows where the crops do not divide among the threads (a batch of one).
-There the registration and change map are numba passes around torch's grid_sample, few per
-step: each numpy or torch call they replaced held the GIL for microseconds that the other
-thread then waited for. A face whose Gauss-Newton step moved it less than CONVERGED_PX takes no
-more steps at that level (a GPU masks the update instead, with the same result). Thumbnails
+There the registration and change map are numba passes, sampling with our own bilinear
+sampler (cpu_kernels.sample: up to 3x torch's grid_sample for 3 channels), one call per pyramid
+level and one each for the scores and the change map: each numpy or torch call they replaced
+held the GIL for microseconds that the other thread then waited for. A face whose Gauss-Newton
+step moved it less than CONVERGED_PX takes no more steps at that level (a GPU masks the update
+instead, with the same result). Thumbnails
 are one tensor per crop, kept by the track states as they are and stacked by the thread that
 registers them.
 
@@ -60,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from workers import cpu_kernels
-from workers.cpu_kernels import normal_equations, warp_blend
+from workers.cpu_kernels import warp_blend
 
 LOWPASS_SIZE = 128  # motion and change are measured on a 128x128 thumbnail of the crop
 LOWPASS_TAPS, LOWPASS_SIGMA = 5, 1.0  # the thumbnail's Gaussian low-pass
@@ -181,6 +183,14 @@ def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
     return array
 
 
+def _stacked(name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(tensors) into this thread's work array ``name`` (see _scratch): valid until
+    the thread's next call with that name."""
+    first = tensors[0]
+    out = torch.from_numpy(_scratch(name, (len(tensors), *first.shape), np.float32))
+    return torch.stack(list(tensors), out=out)
+
+
 @functools.cache
 def _constant(values: tuple, device: torch.device) -> torch.Tensor:
     """A small float32 constant on ``device``, copied there once (a copy per call would make
@@ -263,16 +273,17 @@ def _grid(theta: torch.Tensor, side: int, kernels: bool) -> torch.Tensor:
 
 def _sample(images: torch.Tensor, theta: torch.Tensor, padding: str, kernels: bool) -> torch.Tensor:
     """images (N x C x side^2) at theta(x) for every pixel x, bilinear."""
+    if _kernels(images, kernels):
+        return torch.from_numpy(cpu_kernels.sample(images.numpy(), theta.numpy(), padding == "border"))
     return F.grid_sample(images, _grid(theta, images.shape[-1], kernels), mode="bilinear", padding_mode=padding,
                          align_corners=False)
 
 
 def _residual(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, kernels: bool) -> torch.Tensor:
     """Per pair, mean |prev(theta(x)) - cur(x)|, the border repeated."""
-    warped = _sample(prev, theta, "border", kernels)
-    if _kernels(warped, kernels):  # one numba pass instead of three torch ones
-        return torch.from_numpy(cpu_kernels.mean_abs_difference(warped.numpy(), cur.numpy()))
-    return (warped - cur).abs().mean(dim=(1, 2, 3))
+    if _kernels(prev, kernels):  # one numba pass instead of four torch ones
+        return torch.from_numpy(cpu_kernels.residual(prev.numpy(), cur.numpy(), theta.numpy()))
+    return (_sample(prev, theta, "border", kernels) - cur).abs().mean(dim=(1, 2, 3))
 
 
 def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, steps: int) -> torch.Tensor:
@@ -282,7 +293,7 @@ def _gauss_newton(theta: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, st
     warped prev and J its gradient times the coordinates (dW / d step), each step solves
         gain * (W + J @ step) + bias = cur
     linearly for (gain * step, gain, bias), then theta <- theta o (I + step). The torch ops a
-    GPU runs (a CPU runs _gauss_newton_on_cpu)."""
+    GPU runs (a CPU runs cpu_kernels.gauss_newton)."""
     n, _, side, _ = cur.shape
     c = _centres(side, cur.device)
     columns = torch.empty((n, 9, side, side), device=cur.device)
@@ -311,30 +322,13 @@ def corners_moved(after: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return (after - before)[:, :2].abs().sum(dim=2).amax(dim=1)
 
 
-def _gauss_newton_on_cpu(theta: np.ndarray, prev: torch.Tensor, cur: torch.Tensor, steps: int) -> np.ndarray:
-    """_gauss_newton on a CPU (theta a float32 array): the same steps in four calls each, the
-    small 8x8 and 3x3 maths in one numba pass (workers.cpu_kernels.gauss_newton_update): numpy's
-    ops on arrays this small cost a few microseconds each but hold the GIL, which the blend's
-    other thread then waits for. A warp gone NaN or infinite passes silently, as on torch's
-    path: register keeps the start there."""
+def _gauss_newton_on_cpu(theta: np.ndarray, prev: np.ndarray, cur: np.ndarray, steps: int) -> np.ndarray:
+    """_gauss_newton on a CPU (float32 arrays): the same steps, all of a level's in one numba
+    pass (workers.cpu_kernels.gauss_newton), face by face. A warp gone NaN or infinite passes
+    silently, as on torch's path: register keeps the start there."""
     side = cur.shape[-1]
-    c = _centres(side, cur.device).numpy()
-    moving = np.arange(len(theta))  # the faces still taking steps (see CONVERGED_PX); here an index, to skip the rest
-    theta = theta.copy()
-    for _ in range(steps):
-        if len(moving) == 0:
-            break
-        some = len(moving) < len(theta)
-        part_theta, part_prev, part_cur = ((theta[moving], prev[torch.from_numpy(moving)], cur[torch.from_numpy(moving)])
-                                           if some else (theta, prev, cur))
-        sources = cpu_kernels.sources(part_theta, c)
-        warped = F.grid_sample(part_prev, torch.from_numpy(sources).permute(0, 2, 3, 1), mode="bilinear",
-                               padding_mode="border", align_corners=False)
-        normal = normal_equations(warped.numpy(), sources, c, part_cur.numpy())
-        stepped, moved = cpu_kernels.gauss_newton_update(part_theta, normal, DAMPING, MIN_GAIN, 4 / side)
-        theta[moving] = stepped
-        moving = moving[moved >= np.float32(CONVERGED_PX * 2 / LOWPASS_SIZE)]
-    return theta
+    return cpu_kernels.gauss_newton(theta, prev, cur, steps, _centres(side, torch.device("cpu")).numpy(), DAMPING,
+                                    MIN_GAIN, 4 / side, CONVERGED_PX * 2 / LOWPASS_SIZE)
 
 
 def _normal_equations(warped: torch.Tensor, sources: torch.Tensor, c: torch.Tensor, columns: torch.Tensor
@@ -388,16 +382,19 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor, *, ker
             return images.unsqueeze(1).expand(n, k, *images.shape[1:]).flatten(0, 1)
 
         scores = _residual(each_start(prev), each_start(cur), starts.flatten(0, 1), kernels).view(n, k)
-    start_score, best = scores.min(dim=1)
+    # a start that is not finite never wins (numba's sampling gives NaN there, torch's with the
+    # border repeated a corner's value)
+    finite = torch.isfinite(starts).flatten(2).all(dim=2)
+    start_score, best = torch.where(finite, scores, torch.inf).min(dim=1)
     start = starts[torch.arange(n, device=starts.device), best]
     theta = start
     if on_cpu:  # each thumbnail's pyramid in one numba pass per level
         pyramid = {LOWPASS_SIZE: (prev.numpy(), cur.numpy())}
         while min(pyramid) > REGISTER_LEVELS[0][0]:
             pyramid[min(pyramid) // 2] = tuple(cpu_kernels.halve(images) for images in pyramid[min(pyramid)])
-        host = theta.numpy().copy()
+        host = theta.numpy()
         for level, steps in REGISTER_LEVELS:
-            host = _gauss_newton_on_cpu(host, *(torch.from_numpy(images) for images in pyramid[level]), steps)
+            host = _gauss_newton_on_cpu(host, *pyramid[level], steps)
         theta = torch.from_numpy(host)
     else:
         pyramid = {LOWPASS_SIZE: torch.cat([prev, cur])}  # both thumbnails, pooled together
@@ -405,7 +402,7 @@ def register(prev: torch.Tensor, cur: torch.Tensor, starts: torch.Tensor, *, ker
             pyramid[min(pyramid) // 2] = _halve(pyramid[min(pyramid)])
         for level, steps in REGISTER_LEVELS:
             theta = _gauss_newton(theta, *pyramid[level].split(n), steps)
-    better = _residual(prev, cur, theta, kernels) <= start_score  # also False where theta went NaN
+    better = (_residual(prev, cur, theta, kernels) <= start_score) & torch.isfinite(theta).flatten(1).all(dim=1)
     return torch.where(better.view(n, 1, 1), theta, start)
 
 
@@ -433,11 +430,9 @@ def change_weight(prev: torch.Tensor, cur: torch.Tensor, theta: torch.Tensor, bl
     (``kernels`` as in register)."""
     if _kernels(prev, kernels):  # up to the exponential in one numba pass instead of ~12 torch ops, the
         # coverage worked out from the positions there rather than sampled as a fourth channel
-        sources = _sources(theta, prev.shape[-1], kernels)
-        warped = F.grid_sample(prev, sources.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros",
-                               align_corners=False)
-        exponent = cpu_kernels.change_exponent(warped.numpy(), cur.contiguous().numpy(), OUTSIDE, blend_sigma,
-                                               CHANGE_DILATE, sources=sources.numpy())
+        exponent = cpu_kernels.change_exponent_at(prev.numpy(), cur.contiguous().numpy(), theta.numpy(),
+                                                  _centres(prev.shape[-1], prev.device).numpy(), OUTSIDE, blend_sigma,
+                                                  CHANGE_DILATE)
         return torch.from_numpy(exponent).exp_().mul_(blend_max)
     covered = torch.ones_like(prev[:, :1])
     warped = _sample(torch.cat([prev, covered], dim=1), theta, "zeros", kernels)
@@ -711,7 +706,7 @@ class TemporalBlender:
                 cur_low = [lowpass[i] for i in linked]
 
                 def align(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-                    return self._align(torch.stack(prev_low[part]), torch.stack(cur_low[part]), starts[part],
+                    return self._align(_stacked("prev", prev_low[part]), _stacked("cur", cur_low[part]), starts[part],
                                        kernels=True)
 
                 theta, weight = (torch.cat(parts) for parts in zip(*self._split(align, len(linked), True)))
