@@ -9,6 +9,9 @@ blend     warp_blend (warp, blend, rounding in one pass) vs the steps it replace
           warp, the weight upsampled by cv2.resize, numpy arithmetic, OpenCV's rounding)
 normal    a Gauss-Newton step's normal equations at 128 px, batch 16: normal_equations vs the
           torch ops a GPU runs (workers.temporal._normal_equations)
+sample    bilinear sampling of 128 px thumbnails at the warps above, batch 16: cpu_kernels.sample
+          vs torch's grid_sample (with its grid), one plane (border repeated, as the
+          registration samples) and three (zeros outside, as the change map samples)
 
 Times are medians of rounds that alternate the two sides (a shared machine's speed drifts).
 
@@ -113,6 +116,21 @@ def main() -> None:
                            lambda: temporal._normal_equations(warped, sources, c, columns), n, args.rounds)
     print(f"\nnormal equations, {side} px, batch {n}: numba {ours:.3f}, torch {theirs:.3f} ms per face, "
           f"ratio {theirs / ours:.2f}")
+
+    print(f"\nbilinear sampling, {side} px thumbnails, batch {n} (the registration's and the change map's): "
+          f"ms per face\n{'warp':<20}{'planes':>7}{'numba':>8}{'torch':>8}{'ratio':>7}")
+    to_norm, from_norm = temporal._normalising(side)
+    for name, m in WARPS.items():
+        m = np.array(m)
+        m[:, 2] *= side / 512
+        theta = torch.from_numpy(np.repeat((to_norm @ temporal._as3x3(m) @ from_norm)[None], n, axis=0).astype(np.float32))
+        for planes, padding in ((1, "border"), (3, "zeros")):  # the scores and steps, the change map
+            images = torch.from_numpy(rng.uniform(0, 255, (n, planes, side, side)).astype(np.float32))
+            ours, theirs = in_turn(
+                lambda: cpu_kernels.sample(images.numpy(), theta.numpy(), padding == "border"),
+                lambda: torch.nn.functional.grid_sample(images, temporal._grid(theta, side, False), mode="bilinear",
+                                                        padding_mode=padding, align_corners=False), n, args.rounds)
+            print(f"{name:<20}{planes:>7}{ours:>8.3f}{theirs:>8.3f}{theirs / ours:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":

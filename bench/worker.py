@@ -186,6 +186,25 @@ def _blend_ms(blender, sequences: list, batches: int, device: torch.device) -> f
     return total / (batches * len(sequences)) * 1000
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(stolen, all) CPU time since boot from /proc/stat, in clock ticks: on a virtual machine
+    the host may run other guests on our cores ("steal"), which slows every figure here by as
+    much; None where there is no /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields[:8]]
+    return ticks[7], sum(ticks)
+
+
+def steal_note(since: tuple[int, int] | None) -> str:
+    now = cpu_jiffies()
+    if since is None or now is None or now[1] <= since[1]:
+        return ""
+    return f"  (the host took {100 * (now[0] - since[0]) / (now[1] - since[1]):.0f}% of this machine's CPU time meanwhile)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latencies", type=float, nargs="*", default=[1.0, 5.0],
@@ -218,17 +237,21 @@ def main() -> None:
         print(f"\nworker throughput, faces/s ({TRACKS} tracks of 512 px faces, inproc://; model: a stand-in "
               f"taking that long per face{gpen_dtype})")
         print(f"{'model':>14}{'batch':>7}{'off':>9}{'full':>9}{'full/off':>10}" + (f"{'full, ref':>11}" if on_cpu else ""))
+    started = cpu_jiffies()
     for label, restorer in models:
         for batch in args.batches:
             off = throughput(restorer, batch, "off", sequences, args.seconds)
             full = throughput(restorer, batch, "full", sequences, args.seconds)
             ref = f"{throughput(restorer, batch, 'full', sequences, args.seconds, ReferenceBlender):>11.1f}" if on_cpu else ""
             print(f"{label:>14}{batch:>7}{off:>9.1f}{full:>9.1f}{full / off:>10.2f}{ref}", flush=True)
+    if models and (note := steal_note(started)):
+        print(note)
 
     print(f"\nblend, ms per face (batch 16, and one 512 px face per batch as at batch 1; median of "
           f"{args.blend_rounds} rounds, taken in turn; the tensor blender on {device}, the reference on the CPU)")
     eager = not on_cpu  # on a GPU also the tensor blender without CUDA graphs
     print(f"{'crop':>6}{'batch':>7}{'tensor':>9}{'reference':>11}{'ratio':>8}" + (f"{'eager':>9}" if eager else ""))
+    started = cpu_jiffies()
     for size, batch in ((256, 16), (512, 16), (512, 1)):
         sequences = [face_sequence(size, FRAMES, seed) for seed in range(batch)]
         batches = args.blend_batches if batch == 16 else args.blend_batches * 4  # at batch 1, 40 faces by default
@@ -240,6 +263,8 @@ def main() -> None:
         tensor, reference, eager_ms = (statistics.median(times) for times in zip(*rounds))
         print(f"{size:>6}{batch:>7}{tensor:>9.2f}{reference:>11.2f}{reference / tensor:>8.2f}"
               + (f"{eager_ms:>9.2f}" if eager else ""), flush=True)
+    if note := steal_note(started):
+        print(note)
 
     if args.profile:
         sequences = [face_sequence(512, FRAMES, 0)]
