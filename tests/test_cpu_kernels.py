@@ -252,6 +252,18 @@ def test_the_kernels_refuse_what_they_cannot_do():
     for rows in ((-1, 4), (5, 4), (0, 9)):
         with pytest.raises(ValueError, match="rows"):
             warp_blend(src, identity, weight, restored, np.empty_like(restored), rows=rows)
+    from workers import cpu_kernels
+
+    # the registration's kernels size their work arrays from square thumbnails
+    wide, eye = np.zeros((1, 1, 4, 64), np.float32), np.eye(3, dtype=np.float32)[None]
+    with pytest.raises(ValueError, match="gauss_newton takes"):
+        cpu_kernels.gauss_newton(eye, wide, wide, 1, np.zeros(4, np.float32), 1e-6, 0.1, 1.0, 0.1)
+    with pytest.raises(ValueError, match="change_exponent_at takes"):
+        cpu_kernels.change_exponent_at(wide, wide, eye, np.zeros(4, np.float32), -1e4, 0.1, 3)
+    with pytest.raises(ValueError, match="residual takes"):
+        cpu_kernels.residual(wide, wide[..., :32], eye)
+    with pytest.raises(ValueError, match="sample takes"):
+        cpu_kernels.sample(wide, eye[0], True)
 
 
 @pytest.mark.parametrize("side", [1, 2, 5, 32])

@@ -95,13 +95,7 @@ def _warp_cubic(src, m, out, blend, weight, restored, rounded, top, bottom, weig
     for y in range(top, bottom):
         bx = m[0, 1] * y + m[0, 2]
         by = m[1, 1] * y + m[1, 2]
-        for x in range(w):
-            # beyond 2 pixels outside, every tap reads the border: clamping there changes
-            # nothing and keeps far-off positions in integer range
-            sx[x] = min(max(m[0, 0] * x + bx, -2.0), w + 1.0)
-            sy[x] = min(max(m[1, 0] * x + by, -2.0), h + 1.0)
-            ix[x] = np.int32(np.floor(sx[x]))
-            iy[x] = np.int32(np.floor(sy[x]))
+        _row_positions(m[0, 0], bx, m[1, 0], by, w, h, sx, sy, ix, iy)
         x = 0
         while x < w:
             jx, jy = ix[x], iy[x]
@@ -163,6 +157,18 @@ def _warp_cubic(src, m, out, blend, weight, restored, rounded, top, bottom, weig
         if blend:
             _blend_row(res[y], kept[y], weight[hl[y] - weight_top], weight[hr[y] - weight_top], hf[y], whole[y])
     return out
+
+
+@_compile
+def _row_positions(a, b, c, d, w, h, sx, sy, ix, iy):
+    """An output row's source positions (a x + b, c x + d) for x = 0..w-1, and their floors.
+    Beyond 2 pixels outside the image every tap reads the border (or, sampling with zeros
+    outside, nothing): clamping there changes no value and keeps far-off positions in integer range."""
+    for x in range(w):
+        sx[x] = min(max(a * x + b, -2.0), w + 1.0)
+        sy[x] = min(max(c * x + d, -2.0), h + 1.0)
+        ix[x] = np.int32(np.floor(sx[x]))
+        iy[x] = np.int32(np.floor(sy[x]))
 
 
 @_compile
@@ -563,6 +569,7 @@ def _gauss_newton(theta, prev, cur, steps, centres, damping, min_gain, scale, co
     warped = np.empty((1, 1, side, side), np.float32)
     normal = np.empty((1, 8, 9), np.float32)
     moved = np.empty(1, np.float32)
+    before = np.empty((1, 3, 3), np.float32)
     for k in range(theta.shape[0]):
         t = out[k:k + 1]
         t[:] = theta[k:k + 1]
@@ -570,7 +577,8 @@ def _gauss_newton(theta, prev, cur, steps, centres, damping, min_gain, scale, co
             _sources(t, centres, where)
             _sample(prev[k:k + 1], t, True, warped)
             _normal_equations(warped, where, centres, cur[k:k + 1], normal)
-            _gauss_newton_update(t.copy(), normal, damping, min_gain, scale, t, moved)
+            before[:] = t
+            _gauss_newton_update(before, normal, damping, min_gain, scale, t, moved)
             if not moved[0] >= converged:  # NaN too
                 break
 
@@ -583,8 +591,9 @@ def gauss_newton(theta: np.ndarray, prev: np.ndarray, cur: np.ndarray, steps: in
     after a step that moved the image's corners less than ``converged`` (normalised units). Face
     by face, so a face that stopped costs nothing more (in four calls a step, the faces still
     moving were copied out first), and no GIL between steps. Returns the N x 3 x 3 warps."""
-    n, _, side, _ = cur.shape
-    if theta.shape != (n, 3, 3) or prev.shape != cur.shape or cur.shape[1] != 1 or centres.shape != (side,):
+    n, _, side, width = cur.shape
+    if theta.shape != (n, 3, 3) or prev.shape != cur.shape or cur.shape[1] != 1 or width != side \
+            or centres.shape != (side,):
         raise ValueError(f"gauss_newton takes N x 3 x 3 warps, two N x 1 x S x S thumbnails and S centres, not "
                          f"{theta.shape}, {prev.shape}, {cur.shape}, {centres.shape}")
     out = np.empty((n, 3, 3), np.float32)
@@ -775,7 +784,7 @@ _LARGEST = 1e100  # a warp coefficient beyond this is nonsense, and its products
 def _sample(images, theta, border, out):
     n, channels, h, w = images.shape
     one, zero = np.float32(1), np.float32(0)
-    sx = np.empty(w, np.float64)  # a row's source positions, clamped to where they can matter
+    sx = np.empty(w, np.float64)  # a row's source positions (see _row_positions)
     sy = np.empty(w, np.float64)
     ix = np.empty(w, np.int32)  # and their floors
     iy = np.empty(w, np.int32)
@@ -795,11 +804,7 @@ def _sample(images, theta, border, out):
         for y in range(h):
             bx = m01 * y + m02
             by = m11 * y + m12
-            for x in range(w):
-                sx[x] = min(max(m00 * x + bx, -2.0), w + 1.0)
-                sy[x] = min(max(m10 * x + by, -2.0), h + 1.0)
-                ix[x] = np.int32(np.floor(sx[x]))
-                iy[x] = np.int32(np.floor(sy[x]))
+            _row_positions(m00, bx, m10, by, w, h, sx, sy, ix, iy)
             x = 0
             while x < w:
                 jx, jy = ix[x], iy[x]
@@ -810,19 +815,21 @@ def _sample(images, theta, border, out):
                     end = x + 1
                     while end < limit and iy[end] == jy and ix[end] - end == jx - x:
                         end += 1
-                    fx0 = np.float32(bx - (jx - x))  # relative to the run's floors: small, exact in float32
-                    fy0 = np.float32(by - jy)
-                    shift = np.uint64(jx - x)
+                    # the fractions from the run's first pixel on: in [0, 1) there, moving by dx and
+                    # dy a column (from column 0 on they would cancel large numbers for a large warp)
+                    fx0 = np.float32(m00 * x + bx - jx)
+                    fy0 = np.float32(m10 * x + by - jy)
+                    first, tap = np.uint64(x), np.uint64(jx)
                     for c in range(channels):
                         upper, lower, row = images[k, c, jy], images[k, c, jy + 1], out[k, c, y]
-                        for j in range(np.uint64(x), np.uint64(end)):
-                            fx = dx * np.float32(j) + fx0
-                            fy = dy * np.float32(j) + fy0
-                            s = j + shift
+                        for u in range(np.uint64(end - x)):
+                            fx = dx * np.float32(u) + fx0
+                            fy = dy * np.float32(u) + fy0
+                            s = tap + u
                             top = upper[s] + fx * (upper[s + np.uint64(1)] - upper[s])
                             bottom = lower[s] + fx * (lower[s + np.uint64(1)] - lower[s])
-                            row[j] = top + fy * (bottom - top)
-                    x = max(end, x + 1)
+                            row[first + u] = top + fy * (bottom - top)
+                    x = end
                 else:  # a tap outside: grid_sample's padding, pixel by pixel
                     px, py = m00 * x + bx, m10 * x + by
                     if border:  # the position clamped into the image
@@ -851,16 +858,14 @@ def sample(images: np.ndarray, theta: np.ndarray, border: bool) -> np.ndarray:
     as workers.temporal uses them), for float32 images N x C x H x W. torch samples pixel by
     pixel through vectorized gathers; here, as in warp_cubic, a row is cut into runs that read
     the same two source rows, one source column per output column, which vectorize over
-    contiguous memory (2-5x torch's speed on 128 px thumbnails; float32 rounding apart, the
-    same values). A warp that is not finite gives NaN."""
+    contiguous memory (bench/cpu_kernels.py: 1.4-3x torch's speed on 128 px thumbnails; float32
+    rounding apart, the same values). A warp that is not finite gives NaN."""
     if images.ndim != 4 or theta.shape != (images.shape[0], 3, 3):
         raise ValueError(f"sample takes N x C x H x W images and N x 3 x 3 warps, not {images.shape}, {theta.shape}")
     out = np.empty(images.shape, np.float32)
     _sample(np.ascontiguousarray(images, dtype=np.float32), np.ascontiguousarray(theta, dtype=np.float32),
             bool(border), out)
     return out
-
-
 
 
 @_compile
