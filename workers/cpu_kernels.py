@@ -589,8 +589,8 @@ def gauss_newton(theta: np.ndarray, prev: np.ndarray, cur: np.ndarray, steps: in
     pair of thumbnails (N x 1 x S x S, float32), up to ``steps`` of (sampling positions, prev
     sampled there with the border repeated, normal_equations, gauss_newton_update), stopping
     after a step that moved the image's corners less than ``converged`` (normalised units). Face
-    by face, so a face that stopped costs nothing more (in four calls a step, the faces still
-    moving were copied out first), and no GIL between steps. Returns the N x 3 x 3 warps."""
+    by face, so a face that stopped costs nothing more and nothing is copied out for the faces
+    still moving, and no GIL between steps. Returns the N x 3 x 3 warps."""
     n, _, side, width = cur.shape
     if theta.shape != (n, 3, 3) or prev.shape != cur.shape or cur.shape[1] != 1 or width != side \
             or centres.shape != (side,):
