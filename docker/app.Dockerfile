@@ -57,7 +57,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     GPEN_STREAM_SERVE_HTTP_HOST=0.0.0.0
 # fail the build, not the first job, when a library is missing,
 # and compile the CPU temporal blend's numba kernels into NUMBA_CACHE_DIR (in the volume: a
-# container starts without the ~4 s compile; a CPU unlike the build machine's adds its own)
+# container starts without the ~15 s compile; a CPU unlike the build machine's adds its own)
 RUN python -c "import av, cv2, torch, torchvision, zmq, facexlib, streamer.engine, streamer.serve.daemon" \
     && gpen-stream --help >/dev/null \
     && python -c "from workers import cpu_kernels; cpu_kernels.warm_up()" \

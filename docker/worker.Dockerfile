@@ -70,7 +70,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     NUMBA_CACHE_DIR=/var/cache/gpen-stream/numba
 # fail the build, not the first job, when a library is missing (no GPU is needed to import),
 # and compile the CPU temporal blend's numba kernels into NUMBA_CACHE_DIR (in the volume: a
-# container starts without the ~4 s compile; a CPU unlike the build machine's adds its own)
+# container starts without the ~15 s compile; a CPU unlike the build machine's adds its own)
 RUN python -c "import av, cv2, torch, torchvision, zmq, workers.worker, streamer.engine" \
     && gpen-stream --help >/dev/null \
     && python -c "from workers import cpu_kernels; cpu_kernels.warm_up()" \

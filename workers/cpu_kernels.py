@@ -45,9 +45,9 @@ FAST_MATH = {"reassoc", "contract"}  # not "nnan"/"ninf": see above
 
 
 def _compile(function):
-    """njit, nogil (the blend splits a batch, or a crop by rows, over threads), the compiled code cached beside the
-    module or in NUMBA_CACHE_DIR (~4 s to compile them all); without a writable cache, compiled
-    once per process."""
+    """njit, nogil (the blend splits a batch, or a crop by rows, over threads), the compiled code
+    cached beside the module or in NUMBA_CACHE_DIR (~15 s to compile them all on a 2-core EPYC);
+    without a writable cache, compiled once per process."""
     options = dict(nogil=True, fastmath=FAST_MATH, error_model="numpy", boundscheck=False)
     try:
         return njit(cache=True, **options)(function)
@@ -990,7 +990,7 @@ def warp_blend(previous: np.ndarray, m, weight: np.ndarray, restored: np.ndarray
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the types the blender uses, so
-    that a CPU worker's first batch does not wait for it: ~4 s compiling, ~0.3 s from the cache
+    that a CPU worker's first batch does not wait for it: ~15 s compiling, ~0.3 s from the cache
     (beside this file, or in NUMBA_CACHE_DIR where that is not writable: the Docker images set it)."""
     previous = np.zeros((4, 4, 3), np.float32)
     weight = np.ones((2, 2), np.float32)
