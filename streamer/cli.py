@@ -561,6 +561,7 @@ def _worker(args, interrupt: Interrupt) -> int:
             registration = Registration(redis, Keys(settings.prefix), worker,
                                         endpoint=settings.advertise or security.advertised(bound),
                                         ttl_s=settings.registry_ttl_s, budget=budget).start()
+            worker.on_stopping.append(registration.withdraw)  # draining: decoders pick other workers
 
         def watch() -> None:  # a signal (or the decoder that started us exiting) stops the worker: it drains
             while not worker.stop_event.is_set():

@@ -5,7 +5,10 @@ a worker never holds more crops than it granted credits for, so memory stays bou
 however long the file is. A track sticks to one worker while that worker lives, so its
 temporal state sees the track's crops in order; if the worker dies or goes silent, its
 unfinished crops are re-sent elsewhere with ``reset`` (the state restarts there) and the job
-goes on. Only when no worker is left does the job fail.
+goes on. A worker that forgot this decoder (it restarted at the same address, or heard nothing
+for a while) says so at the next crop or ping: every crop it had not answered is re-sent and
+the worker greeted again. A worker that stops says it is leaving: it gets no new crops and
+returns those it holds. Only when no worker is left does the job fail.
 
 What a crop that fails or comes back too late does is the job's ``JobPolicy``: a file job
 waits for every face and fails on an error (a restoration with holes is not a restoration);
@@ -110,6 +113,9 @@ class _TrackEnd:
     track: int
 
 
+LEAVING_SILENCE_S = 10 * wire.HEARTBEAT_S  # a leaving worker heard from for this long has exited
+
+
 class WorkerLink:
     """One worker as seen from here: its socket, credits and unfinished crops."""
 
@@ -126,6 +132,8 @@ class WorkerLink:
         self.credits = 0
         self.ready = False
         self.dead = False
+        self.leaving = False  # it is stopping: no new crops; those it holds come back
+        self.worker_id = ""  # from its first credit: another id at the same address is a restart
         self.name = endpoint
         self.greeted = 0.0  # when hello was (last) sent
         self.start_timeout_s = start_timeout_s
@@ -148,6 +156,16 @@ class WorkerLink:
     def send(self, header, pixels: np.ndarray | None = None) -> None:
         self.socket.send_multipart(wire.encode(header, pixels), copy=False)
 
+    def tell(self, header) -> bool:
+        """Send a message that may be dropped (ping, end of track, bye) without waiting: to a
+        worker that went away they queue up to the socket's limit, then a send would block
+        the dispatch thread. Whether it was queued."""
+        try:
+            self.socket.send_multipart(wire.encode(header), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
     def close(self, linger_ms: int = 0) -> None:
         self.socket.close(linger=linger_ms)
 
@@ -162,6 +180,7 @@ class Dispatcher:
         self.policy = policy
         self.directory, self.context, self.link_options = directory, context, link_options or {}
         self._queue: deque[CropTask] = deque()
+        self._redo: list[CropTask] = []  # sent, not answered, to go out again before the queue
         self._frames: dict[int, FrameTask] = {}
         self._affinity: dict[int, WorkerLink] = {}
         self._poller = zmq.Poller()
@@ -204,8 +223,7 @@ class Dispatcher:
             said_bye = False
             if link.alive():
                 try:
-                    link.send(wire.Bye(job=self.job))
-                    said_bye = True
+                    said_bye = link.tell(wire.Bye(job=self.job))
                 except zmq.ZMQError:
                     pass
             link.close(linger_ms=500 if said_bye else 0)  # let the bye reach a remote worker
@@ -229,7 +247,7 @@ class Dispatcher:
         crops are all back, or passed through (in no particular order)."""
         self._refresh()
         self._send_queued()
-        self._poll(timeout_ms if self._queue or any(link.outstanding for link in self.links) else 0)
+        self._poll(timeout_ms if self._queue or self._redo or any(link.outstanding for link in self.links) else 0)
         self._check_health()
         self._expire_late()
         self._send_queued()
@@ -239,7 +257,16 @@ class Dispatcher:
             del self._frames[t.index]
         return finished
 
+    def _requeue(self, tasks) -> None:
+        """Crops sent and not answered go out again before anything queued: they are older than
+        every queued crop of their tracks. The first of a track wherever it goes starts the
+        track's state afresh there (its track is new to that link), the next ones continue it."""
+        self._redo.extend(tasks)
+
     def _send_queued(self) -> None:
+        if self._redo:  # in frame order, however they came back
+            self._queue.extendleft(sorted(self._redo, key=lambda t: (t.frame, t.face), reverse=True))
+            self._redo.clear()
         blocked: set[int] = set()  # a track's crops must not overtake each other
         kept: deque = deque()
         while self._queue:
@@ -266,11 +293,11 @@ class Dispatcher:
                 continue
             reset = task.reset or task.track not in link.tracks
             link.tracks.add(task.track)
-            deadline = None if frame.deadline is None else time.time() + (frame.deadline - time.monotonic())
+            time_left_s = None if frame.deadline is None else frame.deadline - time.monotonic()
             header = wire.Crop(job=self.job, frame=task.frame, pts=task.pts, track=task.track, face=task.face,
                                model=self.model, size=self.size, shape=(self.size, self.size, 3),
                                affine=tuple(map(tuple, task.affine.tolist())), temporal=self.temporal, reset=reset,
-                               deadline=deadline)
+                               time_left_s=time_left_s)
             link.send(header, task.crop)
             link.credits -= 1
             link.outstanding[(task.frame, task.face)] = task
@@ -280,18 +307,18 @@ class Dispatcher:
         link = self._affinity.pop(track, None)
         if link is not None and link.alive():
             link.tracks.discard(track)
-            link.send(wire.EndTrack(job=self.job, track=track))
+            link.tell(wire.EndTrack(job=self.job, track=track))  # if dropped, the worker's LRU forgets it
 
     def _link_for(self, track: int):
         """The track's worker; a new track goes to the worker with most room. None while the
         only workers left are (re)starting; _NO_WORKER when none is left and the policy passes
         faces through."""
         link = self._affinity.get(track)
-        if link is not None and link.alive() and link.ready:
+        if link is not None and link.alive() and link.ready and not link.leaving:
             return link
-        live = [lk for lk in self.links if lk.ready and lk.alive()]
+        live = [lk for lk in self.links if lk.ready and lk.alive() and not lk.leaving]
         if not live:
-            if any(lk.alive() and lk.greeted for lk in self.links):
+            if any(lk.alive() and lk.greeted and not lk.leaving for lk in self.links):
                 return None  # greeted, not answered yet: wait for it
             if self.policy.on_crop_error == "passthrough":
                 return _NO_WORKER
@@ -322,7 +349,7 @@ class Dispatcher:
         for link in self.links:
             if link.ready and not link.dead and now - link.last_ping >= wire.HEARTBEAT_S:
                 link.last_ping = now
-                link.send(wire.Ping(job=self.job))
+                link.tell(wire.Ping(job=self.job))
 
     def _greet(self, link: WorkerLink) -> None:
         link.greeted = time.monotonic()
@@ -336,7 +363,8 @@ class Dispatcher:
         self._last_refresh = now
         listed = {w.endpoint: w for w in self.directory.endpoints()}
         for link in self.links:
-            if link.endpoint not in listed and not link.dead:
+            # a leaving worker leaves the directory first, then returns the crops it holds
+            if link.endpoint not in listed and not link.dead and not (link.leaving and link.outstanding):
                 self._declare_dead(link, "left the worker directory")
         known = {link.endpoint for link in self.links if not link.dead}
         for endpoint, worker in listed.items():
@@ -374,12 +402,26 @@ class Dispatcher:
 
     def _handle(self, link: WorkerLink, header, pixels) -> None:
         if isinstance(header, wire.Credit):
-            if not link.ready:
+            if not link.ready:  # the answer to our hello: a new session, the whole window
                 if self.model not in header.models:
                     self._declare_dead(link, f"serves {', '.join(header.models)}, not {self.model}")
                     return
-                link.ready, link.name = True, f"{header.worker}@{link.endpoint}"
-            link.credits += header.credits
+                link.ready, link.name, link.worker_id = True, f"{header.worker}@{link.endpoint}", header.worker
+                link.credits = header.credits
+            elif header.worker != link.worker_id:  # another process at the same address
+                self._lost_session(link, f"restarted as {header.worker}")
+            else:
+                link.credits += header.credits
+        elif isinstance(header, wire.Forgot):
+            if link.ready:  # (not ready: an answer to something sent before our hello; ignore it)
+                self._lost_session(link, "it forgot this decoder (restarted, or heard nothing from us)")
+        elif isinstance(header, wire.Leaving):
+            if not link.leaving:
+                log.info("worker %s is stopping; %d crops to come back from it", link.name, len(link.outstanding))
+                link.leaving = True
+                for track in [t for t, lk in self._affinity.items() if lk is link]:
+                    del self._affinity[track]  # their next crops go elsewhere, starting afresh there
+                link.tracks.clear()
         elif isinstance(header, (wire.Result, wire.Error)):
             if header.job != self.job:
                 log.warning("ignored a reply for job %s from %s", header.job, link.name)
@@ -399,17 +441,20 @@ class Dispatcher:
         else:
             log.warning("unexpected %s message from %s", header.kind, link.name)
 
+    def _lost_session(self, link: WorkerLink, why: str) -> None:
+        """The worker holds nothing of ours any more: re-send what it had not answered (to it
+        once it answers hello again, or elsewhere) and greet it."""
+        log.warning("worker %s lost this job's crops (%s); re-sending %d and greeting it again", link.name, why,
+                    len(link.outstanding))
+        self._requeue(link.outstanding.values())
+        link.outstanding.clear()
+        link.ready, link.credits, link.leaving = False, 0, False
+        link.tracks.clear()
+        for track in [t for t, lk in self._affinity.items() if lk is link]:
+            del self._affinity[track]
+        self._greet(link)
+
     def _failed(self, link: WorkerLink, task: CropTask, frame: FrameTask | None, error: wire.Error) -> None:
-        if error.retry:  # the worker forgot us (it restarted, or we were silent): greet it again, re-send
-            log.info("worker %s does not know this job any more (%s); greeting it again", link.name, error.reason)
-            link.ready, link.credits = False, 0
-            link.tracks.clear()
-            for track in [t for t, lk in self._affinity.items() if lk is link]:
-                del self._affinity[track]
-            task.reset = True
-            self._queue.appendleft(task)
-            self._greet(link)
-            return
         link.credits += 1
         if frame is None:
             return
@@ -433,7 +478,9 @@ class Dispatcher:
                 if link.socket.poll(200, zmq.POLLIN):
                     self._receive(link)
                 self._declare_dead(link, f"exited{link.describe()}")
-            elif link.outstanding and now - link.last_heard > self.timeout_s:
+            elif link.leaving and now - link.last_heard > LEAVING_SILENCE_S:
+                self._declare_dead(link, "stopped")
+            elif now - link.last_heard > self.timeout_s:  # workers send a credit every second
                 self._declare_dead(link, f"silent for {now - link.last_heard:.0f} s with {len(link.outstanding)} "
                                          "crops outstanding")
 
@@ -444,10 +491,7 @@ class Dispatcher:
         log.warning("worker %s is gone (%s); %d crops go elsewhere", link.name, reason, len(link.outstanding))
         if link.ready:
             metrics.WORKER_FAILOVERS.inc()
-        redo = sorted(link.outstanding.values(), key=lambda t: (t.frame, t.face))
-        for task in redo:
-            task.reset = True
-        self._queue.extendleft(reversed(redo))
+        self._requeue(link.outstanding.values())
         link.outstanding.clear()
         for track in link.tracks:
             self._affinity.pop(track, None)

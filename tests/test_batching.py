@@ -8,19 +8,14 @@ from workers.batching import take_batch
 
 
 @dataclass
-class _Crop:
-    deadline: float | None
-
-
-@dataclass
 class _Item:
     peer: bytes
     frame: int
-    crop: _Crop
+    deadline: float | None
 
 
 def _queue(*spec):
-    return deque(_Item(peer, frame, _Crop(deadline)) for peer, frame, deadline in spec)
+    return deque(_Item(peer, frame, deadline) for peer, frame, deadline in spec)
 
 
 def test_a_job_with_a_long_queue_does_not_starve_the_others():

@@ -286,3 +286,32 @@ def test_a_job_waits_queued_until_a_worker_serves_its_model(redis_server, tmp_pa
         assert daemon.stop() == 0
         if worker is not None:
             _stop(worker)
+
+
+def test_a_redis_that_stops_answering_never_holds_the_dispatch_thread():
+    """The worker list is read on its own thread: asking for it returns the last list at once,
+    even while a read hangs on a server that accepts connections and never answers."""
+    import socket as socket_lib
+
+    import redis as redis_lib
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from configs.keys import Keys
+    from streamer.discovery import REFRESH_S, RedisDirectory
+
+    silent = socket_lib.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    client = redis_lib.Redis(host="127.0.0.1", port=silent.getsockname()[1], socket_timeout=1,
+                             retry=Retry(NoBackoff(), 0))
+    directory = RedisDirectory(client, Keys("gpen-test"), start_timeout_s=5).for_model("identity")
+    assert directory.endpoints() == []  # the first answer is waited for (and times out)
+    time.sleep(REFRESH_S * 1.5)
+    for _ in range(5):  # reads hang behind these calls; the calls do not
+        asked = time.monotonic()
+        assert directory.endpoints() == []
+        assert time.monotonic() - asked < 0.2
+        time.sleep(REFRESH_S)
+    client.close()
+    silent.close()

@@ -30,14 +30,16 @@ def test_header_and_pixels_cross_a_real_socket_pair_unchanged():
 
 def test_headers_are_plain_json():
     frames = wire.encode(wire.Hello(job="abc"))
-    assert json.loads(frames[0]) == {"v": 1, "kind": "hello", "job": "abc"}
+    assert json.loads(frames[0]) == {"v": wire.PROTOCOL_VERSION, "kind": "hello", "job": "abc"}
 
 
 @pytest.mark.parametrize("frames, reason", [
     ([b"not json"], "bad header"),
-    ([json.dumps({"v": 2, "kind": "hello", "job": "j"}).encode()], "bad header"),
-    ([json.dumps({"v": 1, "kind": "hello", "job": "j", "extra": 1}).encode()], "bad header"),
-    ([json.dumps({"v": 1, "kind": "teleport"}).encode()], "bad header"),
+    ([json.dumps({"v": 1, "kind": "hello", "job": "j"}).encode()], "bad header"),  # an older protocol
+    ([json.dumps({"v": 3, "kind": "hello", "job": "j"}).encode()], "bad header"),
+    ([json.dumps({"v": 2, "kind": "hello", "job": "j", "extra": 1}).encode()], "bad header"),
+    ([json.dumps({"v": 2, "kind": "teleport"}).encode()], "bad header"),
+    ([json.dumps({"v": 2, "kind": "forgot"}).encode()], "bad header"),
     ([_crop().model_dump_json().encode()], "exactly one pixel frame"),
     ([_crop().model_dump_json().encode(), b"\x00" * 10], "expected 192"),
     ([_crop(size=8, shape=(8, 9, 3)).model_dump_json().encode(), b"\x00" * 216], "does not match size"),
@@ -51,6 +53,13 @@ def test_malformed_messages_are_rejected(frames, reason):
 def test_non_finite_affines_are_rejected():
     with pytest.raises(ValueError):
         _crop(affine=((float("nan"), 0.0, 0.0), (0.0, 1.0, 0.0)))
+
+
+def test_a_deadline_travels_as_finite_time_left():
+    header = json.loads(_crop(time_left_s=0.25).model_dump_json())
+    assert header["time_left_s"] == 0.25 and "deadline" not in header
+    with pytest.raises(ValueError):
+        _crop(time_left_s=float("nan"))
 
 
 def test_pickle_is_never_accepted():

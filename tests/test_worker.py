@@ -34,10 +34,10 @@ class RecordingRestorer(IdentityRestorer):
         return crops[:, ::-1].copy()  # recognisable: flipped vertically
 
 
-def _start_thread_worker(restorer, **kw):
+def _start_thread_worker(restorer, endpoint=None, **kw):
     kw = {"batch": 4, "batch_wait_ms": 20, "blender": TemporalBlender(0.85, 0.03)} | kw
     worker = Worker({"identity": restorer}, context=zmq.Context.instance(), **kw)
-    endpoint = worker.bind(f"inproc://test-{uuid.uuid4().hex}")
+    endpoint = worker.bind(endpoint or f"inproc://test-{uuid.uuid4().hex}")
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     return worker, thread, endpoint
@@ -335,8 +335,8 @@ def test_a_worker_restores_nothing_for_a_decoder_that_never_said_hello():
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.connect(endpoint)
     dealer.send_multipart(wire.encode(_crop_header(0), np.zeros((SIZE, SIZE, 3), np.uint8)))
-    [reply] = _replies(dealer)
-    assert reply.kind == "error" and reply.retry and "does not know the decoder" in reply.reason
+    [reply] = _replies(dealer, kinds=("result", "error", "forgot"))
+    assert reply.kind == "forgot"  # greet it first
     assert restorer.batches == []
     dealer.close()
     worker.stop_event.set()
@@ -358,7 +358,7 @@ def test_a_worker_forgets_a_decoder_that_went_silent_with_its_temporal_state():
         time.sleep(0.1)
     assert len(worker.blender) == 0 and metrics.PEERS_EXPIRED._value.get() == expired + 1
     dealer.send_multipart(wire.encode(_crop_header(1), np.zeros((SIZE, SIZE, 3), np.uint8)))
-    assert _replies(dealer)[0].retry  # forgotten: it must greet the worker again
+    assert _replies(dealer, kinds=("result", "error", "forgot"))[0].kind == "forgot"  # it must greet the worker again
     dealer.close()
     worker.stop_event.set()
     thread.join(5)
@@ -445,3 +445,157 @@ def test_a_stale_run_time_estimate_wears_off_so_deadline_crops_are_tried_again()
     finally:
         worker.stop_event.set()
         worker.serve()
+
+
+class BlockingRestorer(RecordingRestorer):
+    """Holds its first batch until ``release`` is set, so crops stay in the worker."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def restore(self, crops):
+        self.release.wait(30)
+        return super().restore(crops)
+
+
+def _sent_crops(d):
+    """Record (worker endpoint, frame, track, reset) for every crop the dispatcher sends."""
+    sent = []
+    for link in d.links:
+        original = link.send
+
+        def send(header, pixels=None, link=link, original=original):
+            if isinstance(header, wire.Crop):
+                sent.append((link.endpoint, header.frame, header.track, header.reset))
+            original(header, pixels)
+
+        link.send = send
+    return sent
+
+
+def test_a_decoder_the_worker_forgot_gets_its_held_crops_restored_and_one_window_of_credits():
+    """The worker forgets a silent decoder while it holds its crops (one in the model, the rest
+    queued): at the decoder's next ping it hears so, re-sends every unanswered crop once, and
+    never holds more credits than the window."""
+    restorer = BlockingRestorer()
+    worker, thread, endpoint = _start_thread_worker(restorer, batch=1, batch_wait_ms=1, credits=4,
+                                                    peer_timeout_s=1.0)
+    d = _dispatcher([endpoint])
+    link = d.links[0]
+    tasks = _frames(6)
+    for t in tasks:
+        d.submit(t)
+    d.pump(0)  # four crops sent: one goes into the model (held there), three wait
+    assert len(link.outstanding) == 4
+    deadline = time.monotonic() + 10
+    while worker._peers and time.monotonic() < deadline:  # the decoder is silent: no pump, no ping
+        time.sleep(0.1)
+    assert not worker._peers, "the worker did not forget the silent decoder"
+    restorer.release.set()
+    sent = _sent_crops(d)
+    peak, done = [], []
+    deadline = time.monotonic() + 20
+    while len(done) < 6:
+        done += d.pump(20)
+        peak.append(link.credits + len(link.outstanding))
+        assert time.monotonic() < deadline, f"stalled with {sorted(link.outstanding)} outstanding"
+    assert max(peak) <= 4
+    assert [frame for _, frame, _, _ in sent] == [0, 1, 2, 3, 4, 5]  # the lost four again, in order, then the rest
+    assert [reset for *_, reset in sent] == [True] + [False] * 5  # the track's state starts afresh once
+    for task in done:
+        assert np.array_equal(task.restored[0], task.crops[0].crop[::-1])
+    d.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_a_worker_restarted_at_the_same_address_gets_the_crops_the_old_one_lost(tmp_path):
+    """The old process took the crops and died without answering; the new one at the same
+    address says it does not know the decoder at its first ping, and gets them again."""
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    context = zmq.Context.instance()
+    old = context.socket(zmq.ROUTER)  # a worker that grants credits, takes crops and never answers
+    old.bind(endpoint)
+    d = Dispatcher([WorkerLink(context, endpoint)], job="job-r", model="identity", size=SIZE, temporal="off",
+                   timeout_s=60)
+    d._greet(d.links[0])
+    peer, _ = old.recv_multipart()
+    old.send_multipart([peer, *wire.encode(wire.Credit(worker="old", credits=4, models=("identity",)))])
+    d.wait_ready(10)
+    tasks = _frames(4)
+    for t in tasks:
+        d.submit(t)
+    d.pump(100)
+    assert len(d.links[0].outstanding) == 4
+    old.close(linger=0)
+    worker, thread, _ = _start_thread_worker(RecordingRestorer(), endpoint, batch=4, batch_wait_ms=5)
+    started, done = time.monotonic(), []
+    while len(done) < 4:
+        done += d.pump(20)
+        assert time.monotonic() - started < 15, "the lost crops were never sent again"
+    assert all(np.array_equal(t.restored[0], t.crops[0].crop[::-1]) for t in done)
+    d.close()
+    worker.stop_event.set()
+    thread.join(5)
+
+
+def test_a_worker_that_vanished_never_blocks_the_dispatcher_and_is_declared_dead(tmp_path):
+    """No crops out, no answers: pings must not fill the socket until a send blocks, and a
+    worker silent for the timeout is gone even with nothing outstanding."""
+    endpoint = f"ipc://{tmp_path}/gone.sock"
+    context = zmq.Context.instance()
+    router = context.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    link = WorkerLink(context, endpoint)
+    link.socket.setsockopt(zmq.SNDHWM, 5)
+    d = Dispatcher([link], job="job-v", model="identity", size=SIZE, temporal="off", timeout_s=1.5)
+    d._greet(link)
+    peer, _ = router.recv_multipart()
+    router.send_multipart([peer, *wire.encode(wire.Credit(worker="w", credits=4, models=("identity",)))])
+    d.wait_ready(10)
+    router.close(linger=0)
+    started = time.monotonic()
+    for _ in range(50):  # far more pings than the socket holds
+        link.last_ping = 0.0
+        d._ping()
+    assert time.monotonic() - started < 5
+    while not link.dead:
+        d.pump(50)
+        assert time.monotonic() - started < 10, "a silent worker was never declared dead"
+    assert "silent" in link.reason
+    d.close()
+
+
+def test_a_stopping_worker_takes_nothing_new_finishes_what_it_holds_and_exits_while_the_job_goes_on():
+    """A stop (SIGTERM) while a decoder keeps it busy: the worker leaves the registry, says it
+    is leaving, and exits within moments; its crops come back or go elsewhere, none is lost."""
+    first = _start_thread_worker(RecordingRestorer(), batch=2, batch_wait_ms=5, credits=4)
+    second = _start_thread_worker(RecordingRestorer(), batch=2, batch_wait_ms=5, credits=4)
+    withdrawn = []
+    first[0].on_stopping.append(lambda: withdrawn.append(time.monotonic()))
+    d = _dispatcher([first[2], second[2]])
+    sent = _sent_crops(d)
+    tasks, done, stopped, exited = [], [], None, None
+    started = time.monotonic()
+    while exited is None or len(done) < len(tasks):  # frames keep coming until the stopped worker is gone
+        if exited is None and len(tasks) - len(done) < 8:
+            for task in _frames(4, faces_per_frame=2, start=len(tasks)):
+                tasks.append(task)
+                d.submit(task)
+        done += d.pump(5)
+        if stopped is None and len(done) > 20:
+            first[0].stop_event.set()
+            stopped = (time.monotonic(), len(sent))
+        if stopped is not None and exited is None and not first[1].is_alive():
+            exited = time.monotonic()
+        assert time.monotonic() - started < 60, "the stopped worker kept draining while the decoder was busy"
+    assert all(len(t.restored) == 2 for t in done) and len(done) == len(tasks)
+    assert first[0].error is None and exited - stopped[0] < 5
+    assert withdrawn and withdrawn[0] - stopped[0] < 2
+    assert d.links[0].leaving or d.links[0].dead
+    after = [s for s in sent[stopped[1]:] if s[0] == first[2]]
+    assert len(after) <= 4  # only what was sent before the decoder heard: at most its credits
+    d.close()
+    second[0].stop_event.set()
+    second[1].join(5)

@@ -19,12 +19,13 @@ from collections import deque
 
 def take_batch(queue: deque, size: int) -> list:
     """Remove and return up to ``size`` items of ``queue`` (each with ``.peer`` and
-    ``.crop.deadline``), chosen as the module docstring says."""
-    chosen = sorted((p for p in queue if p.crop.deadline is not None), key=lambda p: p.crop.deadline)[:size]
+    ``.deadline``, None or the worker's ``time.monotonic()``), chosen as the module docstring
+    says."""
+    chosen = sorted((p for p in queue if p.deadline is not None), key=lambda p: p.deadline)[:size]
     if len(chosen) < size:
         by_peer: dict[bytes, deque] = {}  # insertion order: peers by their oldest crop
         for p in queue:
-            if p.crop.deadline is None:
+            if p.deadline is None:
                 by_peer.setdefault(p.peer, deque()).append(p)
         turn = deque(by_peer)
         while len(chosen) < size and turn:

@@ -73,16 +73,24 @@ class Registration:
             except Exception as exc:  # Redis away: keep serving the decoders we have; try again
                 log.warning("registry heartbeat failed: %s", exc)
 
-    def stop(self) -> None:
+    def withdraw(self) -> None:
+        """Leave the directory (the worker is draining: decoders must not pick it any more);
+        the memory lease is kept until stop()."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         try:
             self.redis.delete(self.key)
-            if self.budget is not None:
-                self.budget.release()
         except Exception as exc:
             log.warning("could not remove our registration: %s", exc)
+
+    def stop(self) -> None:
+        self.withdraw()
+        if self.budget is not None:
+            try:
+                self.budget.release()
+            except Exception as exc:
+                log.warning("could not release our memory lease: %s", exc)
 
 
 def registered_workers(redis, keys: Keys) -> list[dict]:

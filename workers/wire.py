@@ -12,14 +12,24 @@ Flow (decoder = DEALER, worker = ROUTER):
   decoder -> worker   crop        one aligned face crop (+ pixels)
   worker  -> decoder  result      the restored crop (+ pixels); returns one credit
   worker  -> decoder  error       a crop it could not restore (returns one credit)
+  worker  -> decoder  forgot      "I do not know you" (it restarted, or forgot a silent decoder):
+                                  the answer to a crop or ping from an unknown decoder
+  worker  -> decoder  leaving     it is stopping: it finishes the crops it holds; send it no more
   decoder -> worker   end_track   forget a track's temporal state
   decoder -> worker   ping        "still here" (once a second); a worker forgets a decoder
                                   that went silent, with its temporal state
   decoder -> worker   bye         this decoder is done; forget its state
 
-A worker restores crops only for decoders that said hello (and so were granted credits); a
-crop from a decoder it does not know (it restarted, or forgot a silent decoder) comes back as
-an error with ``retry`` set: say hello again and re-send it.
+A worker restores crops only for decoders that said hello (and so were granted credits). A
+crop or ping from a decoder it does not know gets ``forgot``: nothing the decoder sent it
+before is held there any more, so the decoder re-sends every crop it had not had answered and
+says hello again. A hello always opens a fresh session: the credit that answers it is the
+whole window, and nothing of an earlier session is answered after it. A worker that stops
+says ``leaving``: the decoder sends it nothing more, and it restores what it holds or was sent
+before the decoder heard (at most the credits it granted), then exits.
+
+A deadline travels as the time left when the crop was sent, not as a time of day: the two
+machines' clocks need not agree.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: forgot, leaving, time_left_s, sessions
 MAX_CROP_SIZE = 2048
 MAX_MESSAGE_BYTES = MAX_CROP_SIZE * MAX_CROP_SIZE * 3 + 65536  # larger message parts are refused unread
 TEMPORAL_MODES = ("off", "landmarks", "full")
@@ -40,7 +50,7 @@ PEER_TIMEOUT_S = 30.0  # a worker forgets a decoder it has not heard from for th
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[2] = PROTOCOL_VERSION
 
 
 class Hello(_Message):
@@ -70,7 +80,7 @@ class Crop(_Message):
     dtype: Literal["uint8"] = "uint8"
     shape: tuple[int, int, int]
     affine: tuple[tuple[float, float, float], tuple[float, float, float]]
-    deadline: float | None = None  # live jobs: wall-clock time after which the result is useless
+    time_left_s: float | None = None  # live jobs: the result is useless this long after the crop was sent
     temporal: Literal["off", "landmarks", "full"] = "full"
     reset: bool = False  # start this track's temporal state afresh (scene cut, new worker)
 
@@ -79,6 +89,13 @@ class Crop(_Message):
     def _finite(cls, value):
         if not all(math.isfinite(x) for row in value for x in row):
             raise ValueError("affine has non-finite values")
+        return value
+
+    @field_validator("time_left_s")
+    @classmethod
+    def _finite_time(cls, value):
+        if value is not None and not math.isfinite(value):
+            raise ValueError("time_left_s is not finite")
         return value
 
 
@@ -103,7 +120,21 @@ class Error(_Message):
     face: int
     reason: str
     worker: str = ""
-    retry: bool = False  # nothing wrong with the crop: greet the worker again and re-send it
+
+
+class Forgot(_Message):
+    """The worker does not know this decoder (never greeted, restarted, or forgot it after a
+    silence): every crop sent to it and not answered is lost; greet it again."""
+
+    kind: Literal["forgot"] = "forgot"
+    worker: str
+
+
+class Leaving(_Message):
+    """The worker is stopping: the crops it holds come back; it takes no new ones."""
+
+    kind: Literal["leaving"] = "leaving"
+    worker: str
 
 
 class EndTrack(_Message):
@@ -122,7 +153,8 @@ class Bye(_Message):
     job: str
 
 
-Message = Annotated[Union[Hello, Credit, Crop, Result, Error, EndTrack, Ping, Bye], Field(discriminator="kind")]
+Message = Annotated[Union[Hello, Credit, Crop, Result, Error, Forgot, Leaving, EndTrack, Ping, Bye],
+                    Field(discriminator="kind")]
 _ADAPTER: TypeAdapter = TypeAdapter(Message)
 WITH_PIXELS = (Crop, Result)
 

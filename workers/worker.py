@@ -4,7 +4,8 @@ track's temporal state, and replies.
 
 It runs as a thread inside ``gpen-stream restore`` (``inproc://``) or as its own process
 (``gpen-stream worker --endpoint ipc://...|tcp://...``). SIGTERM (or the stop event) makes it
-finish the crops it already holds, then exit.
+tell its decoders it is leaving, hand back at once the crops that reach it after that (they go
+to other workers), finish the crops it already holds, then exit.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def single_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-DRAIN_QUIET_S = 0.5  # after a stop request, keep serving until nothing arrived for this long
-DRAIN_MAX_S = 60.0
+DRAIN_QUIET_S = 0.5  # after a stop request: exit once no crop arrived for this long and none is held
+DRAIN_MAX_S = 25.0  # within compose's 30 s stop_grace_period
 # A model's run-time estimate halves for every this many seconds it has not run: an estimate
 # made stale by one slow batch (a warm-up) cannot shed a model's deadline crops for ever
 ESTIMATE_HALF_LIFE_S = 5.0
@@ -53,7 +54,9 @@ class _Pending:
     peer: bytes
     crop: wire.Crop
     pixels: np.ndarray
-    arrived: float
+    arrived: float  # time.monotonic()
+    session: int  # the decoder's session it came in (a hello opens a new one)
+    deadline: float | None  # time.monotonic() after which its result is useless (live jobs)
 
 
 @dataclass
@@ -89,6 +92,9 @@ class Worker:
             residency.stop = self.stop_event  # a load waiting for memory ends when the worker stops
         self._pending: dict[str, deque[_Pending]] = {name: deque() for name in restorers}
         self._peers: dict[bytes, float] = {}  # decoders that said hello and not yet bye -> last heard
+        self._sessions: dict[bytes, int] = {}  # decoder -> its session (replies of an earlier one are not sent)
+        self._session_count = 0
+        self.on_stopping: list = []  # called once when a stop begins (e.g. leave the Redis registry)
         self.peer_timeout_s = peer_timeout_s
         self._in_flight: dict[bytes, int] = {}  # crops held per decoder, at most the credits granted
         self._ending: set[tuple] = set()  # tracks to forget once their queued crops are done
@@ -150,16 +156,34 @@ class Worker:
                 self._drain()
             self._run_ready_batches(flush=False)
             self._heartbeat()
-        log.info("worker %s draining", self.id)
+        self._leave()
+        # The crops it holds are finished, and so are those that reach it before its decoders
+        # heard it leave (at most the credits it granted them: they send nothing more after),
+        # so the drain ends once nothing came for a moment.
         give_up = time.monotonic() + DRAIN_MAX_S
         quiet_until = time.monotonic() + DRAIN_QUIET_S
-        while time.monotonic() < min(quiet_until, give_up):
-            if self.socket in dict(poller.poll(50 if self._peers else 0)):
-                self._drain()
+        while time.monotonic() < give_up:
+            if poller.poll(50) and self._drain():
                 quiet_until = time.monotonic() + DRAIN_QUIET_S
-            self._run_ready_batches(flush=True)
-            if not self._peers:  # every decoder said bye: nothing more can be on its way
+            self._run_ready_batches(flush=False, partial=True)
+            self._heartbeat()  # a decoder takes a leaving worker that goes silent for gone
+            held = self._batches or any(self._pending.values())
+            if not held and (not self._peers or time.monotonic() >= quiet_until):
                 break
+        if self._batches or any(self._pending.values()):
+            log.warning("worker %s stops with crops unfinished after %.0f s of draining; their decoders send them "
+                        "elsewhere", self.id, DRAIN_MAX_S)
+
+    def _leave(self) -> None:
+        """The stop begins: leave the registry, tell every decoder."""
+        log.info("worker %s draining", self.id)
+        for callback in self.on_stopping:
+            try:
+                callback()
+            except Exception:  # leaving the registry must not stop the drain
+                log.exception("worker %s: a stop callback failed", self.id)
+        for peer in self._peers:
+            self._send(peer, wire.Leaving(worker=self.id))
 
     # ------------------------------------------------------------------ receive
 
@@ -171,12 +195,14 @@ class Worker:
             return 100
         return max(0, int((oldest + self.batch_wait - time.monotonic()) * 1000))
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Handle every message waiting; whether a crop was among them."""
+        crops = False
         while True:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return crops
             peer, body = frames[0].bytes, frames[1:]
             try:
                 header, pixels = wire.decode(body)
@@ -186,12 +212,12 @@ class Worker:
                 continue
             if peer in self._peers:
                 self._peers[peer] = time.monotonic()
+            crops |= isinstance(header, wire.Crop)
             self._handle(peer, header, pixels)
 
     def _handle(self, peer: bytes, header, pixels) -> None:
         if isinstance(header, wire.Hello):
-            self._peers[peer] = time.monotonic()
-            self._send(peer, self._credit(self.window - self._in_flight.get(peer, 0)))
+            self._hello(peer)
         elif isinstance(header, wire.Crop):
             self._accept_crop(peer, header, pixels)
         elif isinstance(header, wire.EndTrack):
@@ -201,32 +227,49 @@ class Worker:
             else:
                 self.blender.drop(key)
         elif isinstance(header, wire.Ping):
-            pass  # being heard is the point (see _drain)
+            if peer not in self._peers:  # it thinks we hold its crops: they were lost (a restart, or a silence)
+                self._send(peer, wire.Forgot(worker=self.id))
         elif isinstance(header, wire.Bye):
             self._forget_peer(peer)
         else:
             metrics.WIRE_INVALID.labels(side="worker").inc()
             log.warning("unexpected %s message from %s", header.kind, peer.hex())
 
+    def _hello(self, peer: bytes) -> None:
+        """A new session with this decoder: whatever it sent before is forgotten (it re-sends
+        what it has not had answered), and it gets the whole window."""
+        if self.stop_event.is_set():
+            self._send(peer, wire.Leaving(worker=self.id))
+            return
+        if peer in self._peers:
+            self._forget_peer(peer)
+        self._session_count += 1
+        self._peers[peer], self._sessions[peer] = time.monotonic(), self._session_count
+        self._send(peer, self._credit(self.window))
+
     def _accept_crop(self, peer: bytes, crop: wire.Crop, pixels: np.ndarray) -> None:
-        reason, retry = None, False
         if peer not in self._peers:  # never greeted, or forgotten after going silent: no credits granted
-            reason, retry = "this worker does not know the decoder (no hello, or it went silent)", True
-        elif crop.model not in self.restorers or self.restorers[crop.model].size != crop.size:
+            self._send(peer, wire.Forgot(worker=self.id))
+            return
+        reason = None
+        if crop.model not in self.restorers or self.restorers[crop.model].size != crop.size:
             reason = f"model {crop.model} at {crop.size}px is not served here (serving {', '.join(self.restorers)})"
         elif self._in_flight.get(peer, 0) >= self.window:
             reason = f"more crops than the {self.window} credits granted"
         if reason is not None:
             self._send(peer, wire.Error(job=crop.job, frame=crop.frame, track=crop.track, face=crop.face,
-                                        reason=reason, worker=self.id, retry=retry))
+                                        reason=reason, worker=self.id))
             return
         self._in_flight[peer] = self._in_flight.get(peer, 0) + 1
-        self._pending[crop.model].append(_Pending(peer, crop, pixels, time.monotonic()))
+        arrived = time.monotonic()
+        deadline = None if crop.time_left_s is None else arrived + crop.time_left_s
+        self._pending[crop.model].append(_Pending(peer, crop, pixels, arrived, self._sessions[peer], deadline))
 
     def _forget_peer(self, peer: bytes) -> None:
         """Drop everything a decoder left here: its temporal state, queued crops and credits."""
         self.blender.drop((peer,))
         self._peers.pop(peer, None)
+        self._sessions.pop(peer, None)
         self._in_flight.pop(peer, None)
         for queue in self._pending.values():
             kept = [p for p in queue if p.peer != peer]
@@ -266,14 +309,15 @@ class Worker:
 
     # ------------------------------------------------------------------ restore
 
-    def _run_ready_batches(self, *, flush: bool) -> None:
+    def _run_ready_batches(self, *, flush: bool, partial: bool = False) -> None:
         """The model thread takes the next ready batch as soon as it is free; replies go out, in
         order, for the batches the blend thread is done with. ``flush``: return only once
-        everything queued has been restored and replied."""
+        everything queued has been restored and replied. ``partial``: a batch need not wait
+        to fill (the worker is draining)."""
         while True:
             self._clear_wake()
             if not self._batches or self._batches[-1].modelled.done():
-                batch = self._start_next(flush)
+                batch = self._start_next(flush or partial)
                 if batch is not None:
                     self._batches.append(batch)
             else:
@@ -300,10 +344,10 @@ class Worker:
         deadline even if the model were free now, so their frames go out without waiting for
         the deadline (a live job's latency under overload is then the detector's, not the
         deadline's)."""
-        now = time.time()
+        now = time.monotonic()
         for name, queue in self._pending.items():
             soonest = now + self._estimate(name)
-            late = [p for p in queue if p.crop.deadline is not None and p.crop.deadline < soonest]
+            late = [p for p in queue if p.deadline is not None and p.deadline < soonest]
             if late:
                 gone = {id(p) for p in late}  # by identity: _Pending holds arrays, == would compare them
                 self._pending[name] = deque(p for p in queue if id(p) not in gone)
@@ -326,10 +370,10 @@ class Worker:
             # when this batch would come back: after the batches ahead of it and its own run
             # (as long as the model took lately); a crop that cannot make its deadline is
             # answered now, so that under overload the others still make theirs
-            done_at = time.time() + (len(self._batches) + 1) * self._estimate(name)
+            done_at = time.monotonic() + (len(self._batches) + 1) * self._estimate(name)
             while len(items) < self.batch and queue:  # a full batch of crops that can still make it
                 for p in take_batch(queue, self.batch - len(items)):  # deadlines first, then decoders in turn
-                    (late if p.crop.deadline is not None and p.crop.deadline < done_at else items).append(p)
+                    (late if p.deadline is not None and p.deadline < done_at else items).append(p)
             for p in late:
                 self._send_error(p, TOO_LATE)
             if items:
@@ -428,8 +472,8 @@ class Worker:
         else:
             metrics.CROPS_RESTORED.labels(model=batch.restorer.name).inc(len(batch.items))
         for i, p in enumerate(batch.items):
-            if p.peer not in self._peers:
-                continue  # its decoder left (bye, or silence) while the crop was in the model
+            if self._sessions.get(p.peer) != p.session:
+                continue  # its decoder left (bye, silence, a new hello) while the crop was in the model
             c = p.crop
             if i in failed:
                 self._send_error(p, failed[i])
