@@ -26,8 +26,10 @@ keyframe a second (HLS segments and late joiners start there) and one thread per
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -93,11 +95,27 @@ def open_sink(target: str, *, codec: str | None, crf: float, preset: str, segmen
                    **({"segment_format_options": "movflags=frag_keyframe+empty_moov"} if muxer == "mp4" else {})}
         return StreamSink(str(path.with_name(path.stem + "-%Y%m%d-%H%M%S" + path.suffix)), "segment", options,
                           codec=codec, crf=crf, preset=preset)
-    if path.exists():  # an earlier recording (a restarted job): keep it, record beside it
-        fresh = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
-        log.warning("%s exists: recording to %s instead", path, fresh.name)
-        path = fresh
-    return StreamSink(str(path), muxer, options, codec=codec, crf=crf, preset=preset)
+    return StreamSink(str(_free_recording(path)), muxer, options, codec=codec, crf=crf, preset=preset)
+
+
+def _free_recording(path: Path) -> Path:
+    """``path``, or when an earlier recording is there (a restarted job) a name beside it,
+    ``name-YYYYmmdd-HHMMSS[-N].mkv``: created here, exclusively, so neither a restart within
+    the same second nor another job can take it too."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count():
+        candidate = path if n == 0 else path.with_name(f"{path.stem}-{stamp}{'' if n == 1 else f'-{n - 1}'}"
+                                                       f"{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise MediaError(f"cannot write {candidate}: {exc.strerror}") from None
+        if n:
+            log.warning("%s exists: recording to %s instead", path, candidate.name)
+        return candidate
+    raise AssertionError("unreachable")
 
 
 class StreamSink:
