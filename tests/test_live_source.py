@@ -126,3 +126,17 @@ def test_an_output_protocol_this_ffmpeg_lacks_fails_the_job_instead_of_being_ret
         source.close()
         sink.abort()
     assert sink.reconnects == 0
+
+
+def test_a_recording_never_overwrites_an_earlier_one_even_within_the_same_second(tmp_path):
+    import time
+
+    rec = tmp_path / "door.mkv"
+    taken = {rec: b"first"}
+    for when in (time.time(), time.time() + 1):  # this second's name and the next, should the clock turn
+        taken[tmp_path / f"door-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}.mkv"] = b"second"
+    for path, data in taken.items():
+        path.write_bytes(data)
+    chosen = [open_sink(str(rec), codec=None, crf=23, preset="ultrafast").target for _ in range(2)]
+    assert len(set(chosen)) == 2 and not set(map(str, taken)) & set(chosen)
+    assert all(path.read_bytes() == data for path, data in taken.items())

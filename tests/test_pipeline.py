@@ -291,6 +291,55 @@ def test_audio_that_outlasts_the_video_is_not_mistaken_for_truncation(tmp_path, 
     assert len(read_frames(out)[0]) == 12 and read_packets(out, "audio") == read_packets(clip.path, "audio")
 
 
+def _ffmpeg(*args):
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", *args], check=True, capture_output=True)
+
+
+VIDEO_2S = ["-f", "lavfi", "-i", "testsrc2=s=160x120:r=25:d=2"]  # 50 frames
+# Complete files that end by the book, as ffmpeg makes them: (suffix, arguments, video frames).
+COMPLETE = {
+    # libavformat gives the H.264 stream the container's duration (the audio's 20 s)
+    "h264_mkv_whose_audio_outlasts_the_video": (".mkv", [*VIDEO_2S, "-f", "lavfi", "-i", "sine=d=20", "-c:v",
+                                                         "libx264", "-c:a", "aac"], 50),
+    # Matroska's DURATION tag is the video's end time (5 s), not its length (3 s)
+    "mkv_whose_video_starts_2s_after_the_audio": (".mkv", ["-f", "lavfi", "-i", "sine=d=5", "-itsoffset", "2",
+                                                           "-f", "lavfi", "-i", "testsrc2=s=160x120:r=25:d=3",
+                                                           "-map", "1:v", "-map", "0:a", "-c:v", "libx264",
+                                                           "-c:a", "aac"], 75),
+    "flv_whose_video_starts_2s_after_the_audio": (".flv", ["-f", "lavfi", "-i", "sine=d=5", "-itsoffset", "2",
+                                                           "-f", "lavfi", "-i", "testsrc2=s=160x120:r=25:d=3",
+                                                           "-map", "1:v", "-map", "0:a", "-c:v", "libx264",
+                                                           "-c:a", "aac", "-fps_mode", "passthrough"], 75),
+}
+
+
+@pytest.mark.parametrize("name", COMPLETE)
+def test_complete_files_whose_streams_end_or_start_apart_are_not_taken_for_truncated(tmp_path, settings,
+                                                                                     worker_settings, name):
+    suffix, args, frames = COMPLETE[name]
+    src, out = tmp_path / f"in{suffix}", tmp_path / "out.mkv"
+    _ffmpeg(*args, str(src))
+    result = restore_file(src, out, settings(model="identity"), worker_settings(), faces_file=_no_faces(tmp_path))
+    assert result.frames == frames and len(read_frames(out)[0]) == frames
+    assert len(read_packets(out, "audio")) == len(read_packets(src, "audio")) > 0
+
+
+def test_our_own_mkv_of_a_ts_input_can_be_restored_again(tmp_path, settings, worker_settings):
+    # MPEG-TS starts at 1.4 s, and the .mkv keeps that start: its DURATION tags are end times
+    ts, first, again = tmp_path / "in.ts", tmp_path / "first.mkv", tmp_path / "again.mkv"
+    _ffmpeg(*VIDEO_2S, "-f", "lavfi", "-i", "sine=d=2", "-c:v", "libx264", "-c:a", "aac", str(ts))
+    faces = _no_faces(tmp_path)
+    restore_file(ts, first, settings(model="identity"), worker_settings(), faces_file=faces)
+    result = restore_file(first, again, settings(model="identity"), worker_settings(), faces_file=faces)
+    assert result.frames == 50 and len(read_frames(again)[0]) == 50
+
+
+def _no_faces(folder):
+    faces = folder / "faces.jsonl"
+    faces.write_text("")
+    return faces
+
+
 def test_file_names_with_colons_are_files_not_protocols(tmp_path, settings, worker_settings):
     clip = make_clip(tmp_path / "take:1.mp4", frames=3)
     out = tmp_path / "take:1 restored.mp4"

@@ -61,3 +61,20 @@ def test_a_stream_without_any_timestamp_gets_the_nominal_pace(count):
 def test_frames_that_lag_behind_a_jump_are_spread_not_stacked():
     out, fixed = _repair([(0, None), (100, None), (50, None), (60, None), (200, None)])
     assert _increasing(out) and out[0:2] == [0, 100] and out[-1] == 200 and fixed == 2
+
+
+@pytest.mark.parametrize("count", [HOLD_MAX - 1, HOLD_MAX, 3 * HOLD_MAX])
+def test_frames_without_pts_at_the_start_go_before_the_first_timestamp_and_the_rest_keep_theirs(count):
+    # an MPEG-TS capture that starts mid-stream: its start_time is the first pts it has
+    own = [1000 + 10 * i for i in range(30)]
+    out, fixed = _repair([(None, None)] * count + [(p, None) for p in own], step=10, start=1000)
+    assert out[count:] == own and fixed == count
+    assert out[:count] == [1000 - 10 * (count - k) for k in range(count)]
+
+
+def test_a_timestamp_behind_guessed_frames_shifts_the_clock_once_not_every_later_frame():
+    # frames without pts long enough to be guessed, then the file's own clock, behind the guesses
+    stamps = [(10 * i, None) for i in range(5)] + [(None, None)] * HOLD_MAX + [(50 + 10 * i, None) for i in range(20)]
+    out, fixed = _repair(stamps)
+    assert _increasing(out) and fixed == HOLD_MAX
+    assert all(b - a == 10 for a, b in zip(out, out[1:]))  # its own spacing, shifted after the guesses

@@ -289,8 +289,8 @@ class LiveSource:
                 info = describe(other, self.name)
         rate = info.rate if info.rate and 1 <= info.rate <= 240 else None  # RTSP often guesses 90000
         self.info = dataclasses.replace(
-            info, time_base=LIVE_TIME_BASE, rate=rate, frames=0, duration_s=None, stream_duration_s=None,
-            container_duration_s=None, start_s=0.0)
+            info, time_base=LIVE_TIME_BASE, rate=rate, frames=0, duration_s=None, stream_end_s=None,
+            container_end_s=None, start_s=0.0)
         video = video_stream(container)
         # The outputs add these streams from templates that must outlive this input (closed when
         # its session ends): copies in a container that is never started, kept for the job.

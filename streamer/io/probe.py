@@ -62,9 +62,11 @@ class VideoInfo:
     time_base: Fraction
     rate: Fraction | None
     frames: int  # from the container index (edit lists not applied); 0 if unknown
-    duration_s: float | None  # the video stream's, else the container's (for progress)
-    stream_duration_s: float | None  # the video stream's own, if the container records it
-    container_duration_s: float | None  # the whole file's (audio may outlast the video)
+    duration_s: float | None  # the video stream's length, else the container's (for progress)
+    # Where the file says its streams end, in seconds on the file's clock (absolute, like
+    # start_s: a video may start late, after the audio or after a cut kept its timestamps).
+    stream_end_s: float | None  # the video stream's own end, if the container records it
+    container_end_s: float | None  # the whole file's (audio may outlast the video)
     start_s: float  # the video stream's start time
     rotation: int  # degrees counter-clockwise, from the display matrix
     colorspace: int
@@ -161,12 +163,9 @@ def describe(container, name: str) -> VideoInfo:
     if not stream.width or not stream.height or cc.format is None:
         raise MediaError(f"{name}: the video stream has no usable size or pixel format: the file is truncated or "
                          "corrupt")
-    stream_duration = None
-    if stream.duration is not None and stream.time_base:
-        stream_duration = float(stream.duration * stream.time_base)
-    elif "DURATION" in stream.metadata:  # Matroska keeps per-stream durations as tags
-        stream_duration = _tag_seconds(stream.metadata["DURATION"])
-    container_duration = container.duration / av.time_base if container.duration is not None else None
+    start_s = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    container_end = _container_end_s(container)
+    stream_end = _stream_end_s(container, stream, start_s)
     try:
         rotation = int(round(next(container.decode(stream)).rotation or 0))
     except (StopIteration, av.error.FFmpegError):
@@ -175,12 +174,44 @@ def describe(container, name: str) -> VideoInfo:
         name=name, container=container.format.name, stream_index=stream.index, width=stream.width, height=stream.height,
         pix_fmt=cc.format.name, bits=max((c.bits for c in cc.format.components), default=8), codec=cc.name,
         time_base=stream.time_base, rate=stream.average_rate or stream.guessed_rate, frames=stream.frames or 0,
-        duration_s=stream_duration or container_duration, stream_duration_s=stream_duration,
-        container_duration_s=container_duration,
-        start_s=float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0,
+        duration_s=stream_end - start_s if stream_end else _container_length_s(container),
+        stream_end_s=stream_end, container_end_s=container_end, start_s=start_s,
         rotation=rotation, colorspace=int(cc.colorspace), color_range=int(cc.color_range),
         color_primaries=int(cc.color_primaries), color_trc=int(cc.color_trc),
         sample_aspect=stream.sample_aspect_ratio, field_order=int(cc.field_order or 0))
+
+
+def _stream_end_s(container, stream, start_s: float) -> float | None:
+    """Where the video stream ends on the file's clock, if the file records it per stream.
+
+    Matroska keeps it as the stream's DURATION tag, which FFmpeg's muxer writes as the end
+    time (a video that starts at 1.5 s and lasts 3 s is tagged 4.5 s); ``stream.duration`` is
+    not the stream's own there: for H.264, libavformat copies the container's duration (the
+    longest stream's) into it. Elsewhere ``stream.duration`` is a length from the stream's
+    start, unless it is that same copy of the container's, which says nothing of the video."""
+    if container.format.name.startswith("matroska"):
+        return _tag_seconds(stream.metadata.get("DURATION", ""))
+    if stream.duration is None or not stream.time_base:
+        return None
+    length = float(stream.duration * stream.time_base)
+    if container.duration is not None and abs(length - container.duration / av.time_base) <= float(stream.time_base):
+        return None
+    return start_s + length
+
+
+def _container_end_s(container) -> float | None:
+    """The earliest the file's streams may end. libavformat's container duration is a length
+    from the container's start for most demuxers, but Matroska's and NUT's are the end time
+    itself: a file falls short only if it falls short of both readings."""
+    if container.duration is None:
+        return None
+    duration = container.duration / av.time_base
+    start = container.start_time / av.time_base if container.start_time is not None else 0.0
+    return duration + min(0.0, start)
+
+
+def _container_length_s(container) -> float | None:
+    return container.duration / av.time_base if container.duration is not None else None
 
 
 def _tag_seconds(value: str) -> float | None:

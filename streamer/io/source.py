@@ -12,8 +12,9 @@ protocol, no playlists (see ``streamer.io.probe``), and honest accounting of dam
 - a container that lost sync (its demuxer logged an error) is counted (``damaged``), or
   fails the job;
 - a file that ends before its own structure says it should is truncated and always fails:
-  the container's frame count (minus the frames its edit list hides), else the video stream's
-  duration, else the whole file's duration is the yardstick;
+  the container's frame count (minus the frames its edit list hides), else where the video
+  stream says it ends, else where the whole file says it ends is the yardstick (compared as
+  end times on the file's clock, so a video that starts late is not taken for a short one);
 - timestamps are repaired where the file's own are missing or go backwards
   (``streamer.io.timestamps``), and counted (``fixed_pts``).
 """
@@ -203,20 +204,20 @@ class FileSource:
             raise MediaError(f"{info.name}: no video frame could be decoded" + (f" ({why})" if why else ""))
         step = info.frame_step_s
         slack = max(1.0, 3 * step)
-        end = self.last_time_s - info.start_s + step  # seconds of video read
+        end = self.last_time_s + step  # where the video read ends, on the file's clock (as the yardsticks)
         # Only MP4/MOV count frames reliably (AVI's index also counts the empty chunks it uses
         # for variable frame rate); edit lists hide some of them from the decoder.
         expected = info.frames - self.discarded if info.container.startswith("mov,") else 0
         if expected > 0:
             short = self.decoded + self.corrupt < expected * 0.99 - 2
             read = f"{self.decoded} of {expected} frames could be read"
-        elif info.stream_duration_s:
-            short = end < info.stream_duration_s - slack
-            read = f"frames stop at {end:.2f} s of {info.stream_duration_s:.2f} s"
-        elif info.container_duration_s:  # no per-stream figure: neither the video nor the rest reached the end
-            reached = max(end, self.last_other_s - info.start_s)
-            short = reached < info.container_duration_s - slack
-            read = f"the streams stop at {reached:.2f} s of {info.container_duration_s:.2f} s"
+        elif info.stream_end_s:
+            short = end < info.stream_end_s - slack
+            read = f"frames stop at {end:.2f} s of {info.stream_end_s:.2f} s"
+        elif info.container_end_s:  # no per-stream figure: neither the video nor the rest reached the end
+            reached = max(end, self.last_other_s)
+            short = reached < info.container_end_s - slack
+            read = f"the streams stop at {reached:.2f} s of {info.container_end_s:.2f} s"
         else:
             short = False
         if short:

@@ -9,6 +9,12 @@ full the oldest entry goes and ``dropped`` counts it. A network output that fail
 with backoff (1 s doubling to 30 s) while the job goes on; frames sent meanwhile are dropped.
 A file output that fails (disk full) fails the job.
 
+An output that holds a connection to a media server (RTSP, RTMP, SRT) is published from a child
+process (``streamer.io.publisher``: PyAV can bound neither the connect nor a write, and holds
+the GIL while connecting): this thread encodes into a pipe to it, and a server that never
+answers or stops reading costs that output ``CONNECT_TIMEOUT_S`` and a reconnect, never the job.
+UDP waits on no peer and is written here.
+
 Ending is the same whether the job was cancelled or its input ended: the encoder is flushed
 and the files are closed, so a recording or an HLS playlist is playable to its last frame
 (a live output has no "nothing was written" state to go back to: what was sent was seen).
@@ -20,8 +26,10 @@ keyframe a second (HLS segments and late joiners start there) and one thread per
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -32,6 +40,7 @@ import av
 
 from configs.errors import InputError
 from streamer.io.probe import MediaError, VideoInfo
+from streamer.io.publisher import PIPE_FORMAT, PIPE_MUX_OPTIONS, Child, ChildFailed
 from streamer.io.sink import DEFAULT_CODEC, add_video_stream, output_pix_fmt
 from streamer.serve.connection import redact
 
@@ -41,8 +50,10 @@ QUEUE_ITEMS = 16  # frames (and packets) waiting for one output
 CONNECT_TIMEOUT_S = 5.0  # connecting to a media server, and each write to it
 BACKOFF_MAX_S = 30.0
 CLOSE_WAIT_S = 5.0  # flushing and closing an output at the end
+PUBLISH_CLOSE_S = 1.0  # a media server's share of it: the end of the stream, then the child is killed
 RECORDING_MUXERS = {".mkv": "matroska", ".ts": "mpegts", ".mp4": "mp4"}
 NETWORK_MUXERS = {"rtsp": "rtsp", "rtsps": "rtsp", "rtmp": "flv", "rtmps": "flv", "srt": "mpegts", "udp": "mpegts"}
+PUBLISHED = {"rtsp", "rtsps", "rtmp", "rtmps", "srt"}  # connected to a server: from a child process
 X264_LIVE = {"tune": "zerolatency", "x264-params": "sliced-threads=0", "bf": "0"}
 _CLOSE = object()
 # Failures no reconnect can mend: this FFmpeg lacks the protocol, the muxer or the encoder.
@@ -61,7 +72,8 @@ def open_sink(target: str, *, codec: str | None, crf: float, preset: str, segmen
         options = {"rtsp_transport": transport} if NETWORK_MUXERS[scheme] == "rtsp" else {}
         if scheme == "udp" and "pkt_size=" not in target:  # the udp protocol's option: it goes in the URL
             target += ("&" if "?" in target else "?") + "pkt_size=1316"  # 7 TS packets: a datagram, not fragmented
-        return StreamSink(target, NETWORK_MUXERS[scheme], options, codec=codec, crf=crf, preset=preset, network=True)
+        return StreamSink(target, NETWORK_MUXERS[scheme], options, codec=codec, crf=crf, preset=preset, network=True,
+                          published=scheme in PUBLISHED)
     path = Path(target)
     if not path.parent.is_dir():
         raise MediaError(f"live output folder does not exist: {path.parent}")
@@ -83,22 +95,39 @@ def open_sink(target: str, *, codec: str | None, crf: float, preset: str, segmen
                    **({"segment_format_options": "movflags=frag_keyframe+empty_moov"} if muxer == "mp4" else {})}
         return StreamSink(str(path.with_name(path.stem + "-%Y%m%d-%H%M%S" + path.suffix)), "segment", options,
                           codec=codec, crf=crf, preset=preset)
-    if path.exists():  # an earlier recording (a restarted job): keep it, record beside it
-        fresh = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
-        log.warning("%s exists: recording to %s instead", path, fresh.name)
-        path = fresh
-    return StreamSink(str(path), muxer, options, codec=codec, crf=crf, preset=preset)
+    return StreamSink(str(_free_recording(path)), muxer, options, codec=codec, crf=crf, preset=preset)
+
+
+def _free_recording(path: Path) -> Path:
+    """``path``, or when an earlier recording is there (a restarted job) a name beside it,
+    ``name-YYYYmmdd-HHMMSS[-N].mkv``: created here, exclusively, so neither a restart within
+    the same second nor another job can take it too."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count():
+        candidate = path if n == 0 else path.with_name(f"{path.stem}-{stamp}{'' if n == 1 else f'-{n - 1}'}"
+                                                       f"{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise MediaError(f"cannot write {candidate}: {exc.strerror}") from None
+        if n:
+            log.warning("%s exists: recording to %s instead", path, candidate.name)
+        return candidate
+    raise AssertionError("unreachable")
 
 
 class StreamSink:
     """One live output (see the module's notes). Implements the pipeline's ``Sink``."""
 
     def __init__(self, target: str, muxer: str, options: dict[str, str], *, codec: str | None, crf: float,
-                 preset: str, network: bool = False, gop_s: float = 1.0):
+                 preset: str, network: bool = False, published: bool = False, gop_s: float = 1.0):
         self.target, self.muxer, self.options = target, muxer, options
         self.name = redact(target) if network else target
         self.codec, self.crf, self.preset = codec or DEFAULT_CODEC, crf, preset
-        self.network, self.gop_s = network, gop_s
+        self.network, self.published, self.gop_s = network, published, gop_s
+        self.child: Child | None = None  # the publishing process (published outputs)
         self.dropped = self.reconnects = 0
         self.error: BaseException | None = None
         self._queue: deque = deque()
@@ -187,6 +216,9 @@ class StreamSink:
             if self.container is None and not self._reconnect():
                 self.dropped += 1
                 continue
+            if self.child is not None and not self._child_ok():
+                self.dropped += 1
+                continue
             kind, payload, pts = item
             try:
                 if kind == "frame":
@@ -207,10 +239,30 @@ class StreamSink:
         except (av.error.FFmpegError, OSError, MediaError) as exc:
             self._failed(exc)
             return False
+        if self.child is None:  # a child says so later (_child_ok)
+            self._connected()
+        return True
+
+    def _connected(self) -> None:
         if self.reconnects or self._backoff > 1.0:
             log.info("%s: connected again", self.name)
         self._backoff = 1.0
-        return True
+
+    def _child_ok(self) -> bool:
+        """Whether the publishing process is still worth writing to (it connects meanwhile)."""
+        try:
+            if self.child.check():
+                self._connected()
+            return True
+        except ChildFailed as exc:
+            if exc.fatal:
+                self._close_container(flush=False)
+                self.error = MediaError(f"cannot publish to {self.name}: {exc}")  # the job fails at its next frame
+                return False
+            self._failed(exc)
+        except OSError as exc:  # it did not connect in time
+            self._failed(exc)
+        return False
 
     def _failed(self, exc: BaseException) -> None:
         self._close_container(flush=False)
@@ -224,19 +276,22 @@ class StreamSink:
 
     def _connect(self) -> None:
         try:
-            if self.network:
-                container = av.open(self.target, "w", format=self.muxer, options=self.options,
-                                    timeout=(CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
+            if self.published:  # the child connects; this container writes into its pipe
+                self.child = Child(self.target, self.muxer, self.options, connect_s=CONNECT_TIMEOUT_S)
+                container = av.open(self.child.writer, "w", format=PIPE_FORMAT, container_options=PIPE_MUX_OPTIONS)
             else:
                 container = av.open(self.target, "w", format=self.muxer, options=self.options)
         except FATAL_OUTPUT_ERRORS:
+            self._stop_child()
             raise
         except (av.error.FFmpegError, ValueError) as exc:
+            self._stop_child()
             raise MediaError(f"cannot open live output {self.name}: {exc}") from None
         try:
             self._add_streams(container)
-            container.start_encoding()  # connects to a media server, writes a file's header
+            container.start_encoding()  # writes a file's header (or the pipe's), connects to a UDP peer
         except BaseException:
+            self._stop_child()
             try:
                 container.close()
             except Exception:  # it never worked; the first error is the one to report
@@ -289,6 +344,12 @@ class StreamSink:
         container, self.container = self.container, None
         if container is None:
             return
+        if self.child is not None:
+            if flush and self.child.connected:  # the server gets its end of stream, briefly
+                self.child.writer.deadline = time.monotonic() + PUBLISH_CLOSE_S
+            else:  # nothing to finish: no waiting on a server that never answered
+                self._stop_child()
+                flush = False
         try:
             if flush:
                 for packet in self.video.encode(None):
@@ -298,7 +359,16 @@ class StreamSink:
         try:
             container.close()
         except (av.error.FFmpegError, OSError) as exc:
-            log.warning("%s: closing failed: %s", self.name, exc)
+            if not self.published or self.child is not None:  # a stopped child's pipe: nothing new to say
+                log.warning("%s: closing failed: %s", self.name, exc)
+        child, self.child = self.child, None
+        if child is not None:
+            child.finish(deadline=child.writer.deadline)
+
+    def _stop_child(self) -> None:
+        child, self.child = self.child, None
+        if child is not None:
+            child.kill()
 
 
 class TeeSink:

@@ -13,10 +13,15 @@ previous frame, squeezed a run of such frames into a few milliseconds. Here:
 2. A frame whose timestamp is missing or not after the previous one is held back (a few
    frames at most). When a good timestamp follows, the held frames are spread evenly between
    the two good ones, so a repeated timestamp costs nothing and the clock does not drift.
-3. When no good timestamp comes soon, or the clock jumped back by more than a second (a
+3. At the start of a file, frames are held until its first timestamp (``START_HOLD_S`` of
+   frames at most: a capture that starts mid-stream), then placed one nominal step apart
+   before it: every later frame keeps its own timestamp, so the picture stays with the sound.
+4. When no good timestamp comes soon, or the clock jumped back by more than a second (a
    splice, a restart), the held frames get one nominal frame step each after the last good
    frame, and the file's later timestamps are shifted by the same amount, keeping their
-   spacing: the video plays at its own pace, shifted, instead of collapsing.
+   spacing: the video plays at its own pace, shifted, instead of collapsing. A timestamp
+   that comes back behind such guessed frames shifts the clock the same way, once (else
+   every later frame would be held and guessed in turn).
 
 Every frame that did not keep its own timestamp is counted (``fixed``).
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 HOLD_MAX = 8  # frames held back while waiting for a good timestamp
+START_HOLD_S = 2.0  # the same at the start of a file, where the frames can be placed before the first one
 REBASE_AFTER_S = 1.0  # a jump back by more than this is a new clock, not a late frame
 
 
@@ -68,6 +74,7 @@ class TimestampRepair:
     _held: list = field(default_factory=list)
     _last: int | None = None  # the last pts handed out
     _offset: int = 0  # added to the file's timestamps after a rebase
+    _guessed: bool = False  # the last frames handed out were extrapolated, not the file's own
     _guess: _BestEffort = field(default_factory=_BestEffort)
 
     def __post_init__(self):
@@ -82,19 +89,26 @@ class TimestampRepair:
         ts = self._guess(pts, dts)
         if ts is not None:
             ts += self._offset
-            if self._last is not None and ts <= self._last - self.rebase_after:  # a new clock
+            if self._last is not None and (ts <= self._last - self.rebase_after or (self._guessed and ts <= self._last)):
+                # a new clock, or the file's own behind our guesses: keep its spacing, after ours
                 out = self._extrapolate()
-                self._offset += self._last + self.step - ts  # keep its spacing, after ours
+                self._offset += self._last + self.step - ts
                 ts = self._last + self.step
         # a good timestamp leaves at least one tick for each held frame
         if ts is None or (self._last is not None and ts <= self._last + len(self._held)):
             self._held.append(item)
             self.fixed += 1
-            return out + (self._extrapolate() if len(self._held) >= HOLD_MAX else [])
+            return out + (self._extrapolate() if len(self._held) >= self._hold_max() else [])
         out += self._spread_until(ts)
         item.pts = self._last = ts
+        self._guessed = False
         out.append(item)
         return out
+
+    def _hold_max(self) -> int:
+        if self._last is None:  # nothing handed out yet: wait for the first timestamp, longer
+            return max(HOLD_MAX, round(START_HOLD_S / REBASE_AFTER_S * self.rebase_after / self.step))
+        return HOLD_MAX
 
     def flush(self) -> list:
         return self._extrapolate()
@@ -119,4 +133,5 @@ class TimestampRepair:
             item.pts = base + k * self.step
         if held:
             self._last = held[-1].pts
+            self._guessed = True
         return held

@@ -446,12 +446,23 @@ def _pts_missing(which: Callable[[int], bool], count: int):
         assert _clear_pes_timestamps(data, which) == count
         (d / "clip.ts").write_bytes(bytes(data))
         with av.open(str(d / "clip.ts")) as c:
-            missing = sum(f.pts is None for f in c.decode(video=0))
+            own = [f.time for f in c.decode(video=0)]
+        missing = sum(t is None for t in own)
         assert missing == count, f"generator: {missing} frames without pts, meant {count}"
         return Built(["clip.ts", "-o", "out.mkv", "--faces", _with_faces(d, src)],
-                     [succeeds(N, _check_deltas(1 / FPS), note="every frame ~40 ms after the previous one")],
+                     [succeeds(N, _all(_check_deltas(1 / FPS), _check_own_times(own)),
+                               note="every frame ~40 ms after the previous one, those with a pts at it")],
                      output="out.mkv", protected=["clip.ts"])
     return build
+
+
+def _check_own_times(own: list[float | None]):
+    """Frames that had a timestamp keep it (the sound, copied with its own, stays with them)."""
+    def check(out: Path, _summary: dict) -> None:
+        times = frame_times(out)
+        moved = [(i, t, round(times[i], 3)) for i, t in enumerate(own) if t is not None and abs(times[i] - t) > 0.002]
+        assert not moved, f"(index, own time, output time) of frames that lost their timestamp: {moved[:8]}"
+    return check
 
 
 def b_mp4_cut_with_edit_list(d: Path, src: Sources) -> Built:
@@ -852,6 +863,8 @@ CASES: list[Case] = [
          "VFR with a 3 s jump and repeated pts: succeeds, all frames, increasing pts, jump kept"),
     Case("pts_missing_then_present", _pts_missing(lambda i: i < 8, 8),
          "TS whose first 8 frames have no pts: succeeds, ~40 ms between all frames (no collapse)"),
+    Case("pts_missing_first_12", _pts_missing(lambda i: i < 12, 12),
+         "TS whose first 12 frames have no pts: succeeds, the rest keep their own pts (no A/V shift)"),
     Case("pts_missing_in_middle", _pts_missing(lambda i: 8 <= i < 14, 6),
          "TS whose frames 8-13 have no pts: succeeds, ~40 ms between all frames (no collapse)"),
     Case("mp4_cut_with_edit_list", b_mp4_cut_with_edit_list,
