@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 _END = object()
 PASSTHROUGH_LEAD_S = 0.5  # copy other streams' packets up to this far ahead of the video
+# Other streams' packets demuxed ahead of the writer. Beyond this many the decoder waits, and the
+# writer, once it has written every frame decoded so far, copies them at once: audio that
+# outlasts the video (or is muxed far ahead of it) is not held in memory whole.
+PACKETS_AHEAD_MAX = 1024
 STUCK_THREAD_S = 60.0  # a stage that has not returned this long after a stop is reported, and its containers leaked
 
 
@@ -319,6 +323,8 @@ class _Stages:
         self.analyzed: queue.Queue = queue.Queue(maxsize=8)
         self.ordered: queue.Queue = queue.Queue(maxsize=max_in_flight)
         self.packets: deque = deque()  # other streams' packets, in demux order; None ends them
+        self.frames_decoded = 0  # handed on by the decoder (the writer has caught up when it wrote as many)
+        self.packets_dropped = 0  # live only: held while the video was away, too many to keep
         self.input_done = False
         self.last: FrameTask | None = None  # the last frame written (live: repeated while the input is away)
 
@@ -329,7 +335,7 @@ class _Stages:
         """Decode and analyse in one thread: one hand-off less per frame (analysis is light,
         except detection, which decoding could not overlap usefully on a busy CPU anyway)."""
         run = self.run
-        frames = self.source.frames(self.packets.append)
+        frames = self.source.frames(self._hold_packet)
         while True:
             started = time.perf_counter()
             item = next(frames, _END)
@@ -345,6 +351,18 @@ class _Stages:
             if self.policy.deadline_s is not None and item.arrived:  # late is measured from arrival
                 task.deadline = item.arrived + self.policy.deadline_s
             run.put(self.analyzed, task)
+            self.frames_decoded += 1
+
+    def _hold_packet(self, packet) -> None:
+        """The decoder's hand-off of another stream's packet. A file job's decoder waits while
+        PACKETS_AHEAD_MAX are held (the writer copies them once it has caught up, see
+        _next_task). A live job's never waits (that would stall the input): while its video is
+        away the writer drops the oldest (_repeat_last)."""
+        if packet is not None and self.policy.hold_s is None:
+            while len(self.packets) >= PACKETS_AHEAD_MAX:
+                if self.run.stop.wait(0.005):
+                    raise _Stopped
+        self.packets.append(packet)
 
     def dispatch(self) -> None:
         """Feed the dispatcher, pump it, and hand finished frames on in order. It never blocks
@@ -407,7 +425,13 @@ class _Stages:
     def _next_task(self):
         """The next frame in order; None when the policy holds the picture (no frame for hold_s)."""
         if self.policy.hold_s is None:
-            return self.run.get(self.ordered)
+            while not self.run.stop.is_set():
+                try:
+                    return self.ordered.get(timeout=0.02)
+                except queue.Empty:
+                    if len(self.packets) >= PACKETS_AHEAD_MAX and self.counters.frames == self.frames_decoded:
+                        self._copy_packets(until_s=None)  # no frame to wait for: the decoder waits for these
+            raise _Stopped
         hold_s = self.policy.hold_s
         deadline = time.monotonic() + hold_s
         while not self.run.stop.is_set():
@@ -435,6 +459,12 @@ class _Stages:
         self.sink.write(task.item.frame, task.item.pts)
         if self.live is not None:
             self.live.repeats += 1
+        if len(self.packets) > PACKETS_AHEAD_MAX:  # the video is away, the other streams are not
+            if not self.packets_dropped:
+                log.warning("the video stalled while other streams went on: dropping their oldest packets")
+            while len(self.packets) > PACKETS_AHEAD_MAX and self.packets[0] is not None:
+                self.packets.popleft()
+                self.packets_dropped += 1
 
     def _compose(self, task: FrameTask):
         frame, compositor = task.item.frame, self.compositor  # the analyzer put it in the output's layout

@@ -140,3 +140,14 @@ def test_a_recording_never_overwrites_an_earlier_one_even_within_the_same_second
     chosen = [open_sink(str(rec), codec=None, crf=23, preset="ultrafast").target for _ in range(2)]
     assert len(set(chosen)) == 2 and not set(map(str, taken)) & set(chosen)
     assert all(path.read_bytes() == data for path, data in taken.items())
+
+
+def test_a_looped_file_plays_at_its_own_rate_across_loops(clip_with_audio):
+    """Each loop's first frame is due one frame after the last one of the loop before (it came
+    at once, so a one-second clip played 4% fast)."""
+    import time
+
+    arrivals = []
+    _play(clip_with_audio.path, 3 * FPS + 1, on_frame=lambda item, _: arrivals.append(time.monotonic()))
+    rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    assert abs(rate - FPS) < 0.25, rate

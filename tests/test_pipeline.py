@@ -291,6 +291,28 @@ def test_audio_that_outlasts_the_video_is_not_mistaken_for_truncation(tmp_path, 
     assert len(read_frames(out)[0]) == 12 and read_packets(out, "audio") == read_packets(clip.path, "audio")
 
 
+def test_audio_that_outlasts_the_video_is_copied_as_it_is_read_not_held_whole(tmp_path, settings, worker_settings,
+                                                                              monkeypatch):
+    """After the last frame the other streams' packets are copied as the decoder reads them: at
+    most PACKETS_AHEAD_MAX are held (the review's 15 min of PCM after 2 s of video took 200 MiB)."""
+    import streamer.pipeline as pipeline
+
+    clip = make_clip(tmp_path / "in.mkv", frames=12, audio_extra_s=20.0)
+    monkeypatch.setattr(pipeline, "PACKETS_AHEAD_MAX", 32)
+    held = []
+    hold = pipeline._Stages._hold_packet
+
+    def spy(stages, packet):
+        hold(stages, packet)
+        held.append(len(stages.packets))
+
+    monkeypatch.setattr(pipeline._Stages, "_hold_packet", spy)
+    out = tmp_path / "out.mkv"
+    _restore(clip, out, settings, worker_settings, model="identity")
+    assert len(read_frames(out)[0]) == 12 and read_packets(out, "audio") == read_packets(clip.path, "audio")
+    assert len(held) > 200 and max(held) <= 33
+
+
 def _ffmpeg(*args):
     subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", *args], check=True, capture_output=True)
 

@@ -90,6 +90,7 @@ class LiveSource:
         self._described = threading.Event()
         self._error: BaseException | None = None
         self._clock0: float | None = None  # our clock's zero: the arrival of the first frame
+        self._next_due: float | None = None  # realtime files: when the frame after the last is due (across loops)
         self._last_pts = -1
         self.last_arrival = 0.0  # time.monotonic() of the latest frame from the input
         self._thread: threading.Thread | None = None
@@ -253,9 +254,12 @@ class LiveSource:
                 for frame in frames:
                     src_s = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
                     if self.realtime and src_s is not None:
-                        paced_from = paced_from or (time.monotonic(), src_s)
-                        if self._halt.wait(max(0.0, paced_from[0] + src_s - paced_from[1] - time.monotonic())):
+                        # a loop's first frame is due one frame after the last one of the loop before
+                        paced_from = paced_from or (max(time.monotonic(), self._next_due or 0.0), src_s)
+                        due = paced_from[0] + src_s - paced_from[1]
+                        if self._halt.wait(max(0.0, due - time.monotonic())):
                             return got, "stopped"
+                        self._next_due = due + _frame_s(frame, self.info.rate)
                     arrived = time.monotonic()
                     last_frame = arrived
                     if self._clock0 is None:
@@ -356,3 +360,10 @@ def _signature(stream) -> tuple:
 
 def _short(exc: BaseException) -> str:
     return str(exc).split(";")[0].strip()
+
+
+def _frame_s(frame, rate: float | None) -> float:
+    """How long a decoded frame is shown: its own duration, else one frame at ``rate``."""
+    if frame.duration and frame.time_base:
+        return float(frame.duration * frame.time_base)
+    return 1.0 / rate if rate else 0.0
