@@ -228,9 +228,14 @@ def test_bad_jobs_fail_with_a_clear_reason_and_the_daemon_keeps_serving(redis_se
                             "'workers' is a process setting"),
         "bad-json": ({"input": ok_in, "output": f"{out}/x.mp4", "options": "{crf: 3"}, "not valid JSON"),
         "bad-field": ({"input": ok_in, "output": f"{out}/x.mp4", "priority": "high"}, "unknown field(s) priority"),
+        # entries that made the parser itself raise (urlsplit's ValueError, json's RecursionError)
+        "bad-ipv6-url": ({"input": "rtsp://[::1", "output": f"{out}/x.mp4"}, "input is not a valid URL"),
+        "bad-output-url": ({"input": "rtsp://127.0.0.1:9/cam", "output": "http://[x"}, "output is not a valid URL"),
+        "deep-json": ({"input": ok_in, "output": f"{out}/x.mp4", "options": "[" * 100000},
+                      "options is not usable JSON"),
     }
     prefix = unique_prefix()
-    daemon = Daemon(redis_server, prefix, roots)
+    daemon = Daemon(redis_server, prefix, roots, env={"GPEN_STREAM_SERVE_LIVE_SOURCES": '["rtsp://127.0.0.1"]'})
     r = redis_server.client()
     try:
         for job_id, (fields, _) in bad.items():
@@ -246,6 +251,27 @@ def test_bad_jobs_fail_with_a_clear_reason_and_the_daemon_keeps_serving(redis_se
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0  # each acknowledged once
     assert "Traceback" not in daemon.text()
     assert sorted(p.name for p in (roots / "out").iterdir()) == ["fine.mp4"]
+
+
+def test_an_entry_that_breaks_the_parser_fails_its_job_and_the_daemon_keeps_serving(redis_server, roots):
+    clip = make_clip(roots / "in" / "ok.mp4", frames=3, width=96, height=72, face_px=30, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots, extra=["--concurrency", "1"])
+    r = redis_server.client()
+    try:
+        # a lone surrogate in a path: no check foresaw it, the file system refuses to encode it
+        r.xadd(f"{prefix}:jobs", {"id": "poison", "input": str(clip.path), "output": str(roots / "out" / "x.mp4"),
+                                  "options": '{"faces": "%s/\\ud800.jsonl"}' % (roots / "in")})
+        r.xadd(f"{prefix}:jobs", {"id": "fine", "input": str(clip.path), "output": str(roots / "out" / "fine.mp4"),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        poison = _wait_state(r, prefix, "poison", {"done", "failed"}, timeout=30)
+        fine = _wait_state(r, prefix, "fine", {"done", "failed"}, timeout=60)
+        assert daemon.proc.poll() is None, daemon.text()
+    finally:
+        assert daemon.stop() == 0
+    assert poison["state"] == "failed" and "could not be read: UnicodeEncodeError" in poison["error"], poison
+    assert fine["state"] == "done"
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
 
 
 def test_a_job_that_fails_every_attempt_ends_in_the_dead_letter_stream(redis_server, roots, tmp_path):

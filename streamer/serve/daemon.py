@@ -196,6 +196,10 @@ class Daemon:
                     self._retry(self.queue.ensure_group)
                 else:
                     raise
+            except Exception:  # a bug must not stop the jobs running here
+                log.exception("unexpected error in the daemon loop; going on")
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
         self._drain()
 
     def _set_redis_ok(self, ok: bool, exc: Exception | None = None) -> None:
@@ -246,6 +250,25 @@ class Daemon:
     # ------------------------------------------------------------------ one entry
 
     def _take(self, entry: str, raw: dict) -> None:
+        """Handle one entry. Whatever is wrong with it fails that job, never the daemon; Redis
+        trouble goes to the loop (the entry stays pending and is taken up again)."""
+        try:
+            self._take_entry(entry, raw)
+        except (*REDIS_ERRORS, redis_lib.ResponseError):
+            raise
+        except Exception as exc:  # an entry nobody foresaw (or a bug): this job fails, the others go on
+            log.exception("job entry %s could not be handled; failing its job", entry)
+            self._fail_entry(entry, raw, f"the job could not be read: {type(exc).__name__}: {str(exc)[:200]}")
+
+    def _fail_entry(self, entry: str, raw: dict, error: str) -> None:
+        try:
+            job_id = job_id_of(decode_fields(raw), entry)
+        except Exception:  # not even an id: record it under one made from the entry
+            job_id = f"entry-{entry}"
+        self.store.register(job_id, entry, {})
+        self._finish_now(job_id, entry, JobState.FAILED, error)
+
+    def _take_entry(self, entry: str, raw: dict) -> None:
         try:
             fields = decode_fields(raw)
             job_id = job_id_of(fields, entry)
