@@ -179,6 +179,35 @@ def test_a_job_survives_a_redis_restart(redis_server, roots):
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
 
 
+def test_redis_refusing_writes_for_a_while_delays_the_state_but_the_job_finishes(redis_server, roots):
+    clip = make_clip(roots / "in" / "m.mp4", frames=60, audio=False)
+    out = roots / "out" / "m.mp4"
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots)
+    r = redis_server.client()
+    try:
+        r.xadd(f"{prefix}:jobs", {"id": "m", "input": str(clip.path), "output": str(out),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        _wait_state(r, prefix, "m", {"running"})
+        r.config_set("maxmemory", 1)  # every write is refused: "OOM command not allowed"
+        try:
+            deadline = time.monotonic() + 60
+            while not out.exists():  # the job finishes while Redis refuses its final write
+                assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+                time.sleep(0.1)
+            time.sleep(2)  # the housekeeping writes and the final write meet the refusal
+            assert daemon.proc.poll() is None, daemon.text()
+            assert _job(r, prefix, "m")["state"] == "running"
+        finally:
+            r.config_set("maxmemory", 0)
+        job = _wait_state(r, prefix, "m", {"done", "failed", "queued"}, timeout=30)
+    finally:
+        assert daemon.stop() == 0
+    assert job["state"] == "done" and job["attempts"] == "1", job
+    assert "OutOfMemoryError" in daemon.text() or "maxmemory" in daemon.text()
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0 and not _leftovers(roots / "out")
+
+
 def test_cancel_while_queued_and_while_running(redis_server, roots):
     clip = make_clip(roots / "in" / "c.mp4", frames=150, audio=False)
     prefix = unique_prefix()

@@ -39,7 +39,7 @@ from streamer.engine import Engine
 from streamer.jobs.live import LiveStream, run_live
 from streamer.jobs.restore import restore_file
 from streamer.pipeline import Progress
-from streamer.serve.connection import REDIS_ERRORS, connect, redact
+from streamer.serve.connection import REDIS_ERRORS, connect, redact, transient
 from configs.keys import Keys
 from streamer.serve.queue import JobQueue
 from streamer.serve.spec import JobRejected, JobSpec, decode_fields, job_id_of, parse_job
@@ -109,15 +109,15 @@ class RedisWriter:
                     job_id, op = next(iter(self._progress.items()))
             try:
                 op()
-            except REDIS_ERRORS as exc:
-                if self.down_since is None:
-                    self.down_since = time.monotonic()
-                    log.warning("Redis unreachable (%s); state updates wait for it", exc)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except Exception:  # a bad write must not stop the others
-                log.exception("a Redis update failed")
+            except Exception as exc:
+                if transient(exc):  # away, or refusing writes for now (OOM, READONLY, ...): wait for it
+                    if self.down_since is None:
+                        self.down_since = time.monotonic()
+                        log.warning("Redis unreachable or refusing writes (%s); state updates wait for it", exc)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                log.exception("a Redis update failed")  # a bad write must not stop the others
             if self.down_since is not None:
                 log.info("Redis is back after %.0f s", time.monotonic() - self.down_since)
                 self.down_since = None
@@ -154,6 +154,7 @@ class Daemon:
         self.queue = JobQueue(self.redis, self.keys, self.id)
         self.writer = RedisWriter()
         self.running: dict[str, _Running] = {}  # by entry id
+        self.finishing: set[str] = set()  # entries of finished jobs whose final write waits in the writer
         self._lock = threading.Lock()
         self.draining = False
         self.redis_ok = True
@@ -164,14 +165,17 @@ class Daemon:
 
     def serve(self, stop: threading.Event) -> None:
         """Until ``stop`` is set; then drain (see the module docstring) and return."""
-        self.queue.ensure_group()
         log.info("daemon %s serving %s on %s (concurrency %d)", self.id, self.keys.jobs, redact(self.settings.redis),
                  self.settings.concurrency)
         self._start_config_streams()
         last_housekeeping = 0.0
         backoff = 0.5
+        need_group = True
         while not stop.is_set():
             try:
+                if need_group:
+                    self.queue.ensure_group()
+                    need_group = False
                 now = time.monotonic()
                 if now - last_housekeeping >= LOOP_S:
                     last_housekeeping = now
@@ -186,16 +190,15 @@ class Daemon:
                     self._slot_freed.clear()
                 self._set_redis_ok(True)
                 backoff = 0.5
-            except REDIS_ERRORS as exc:
+            except (*REDIS_ERRORS, redis_lib.ResponseError) as exc:
+                if "NOGROUP" in str(exc):  # Redis restarted without its data: start again
+                    log.warning("the consumer group is gone (Redis lost its data?); creating it again")
+                    need_group = True
+                    continue
+                # away, or refusing (OOM, READONLY, MISCONF, ...): the running jobs go on; retry
                 self._set_redis_ok(False, exc)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-            except redis_lib.ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis restarted without its data: start again
-                    log.warning("the consumer group is gone (Redis lost its data?); creating it again")
-                    self._retry(self.queue.ensure_group)
-                else:
-                    raise
             except Exception:  # a bug must not stop the jobs running here
                 log.exception("unexpected error in the daemon loop; going on")
                 stop.wait(backoff)
@@ -206,26 +209,20 @@ class Daemon:
         if ok and not self.redis_ok:
             log.info("Redis is reachable again")
         elif not ok and self.redis_ok:
-            log.warning("Redis unreachable (%s); running jobs go on, retrying", exc)
+            log.warning("Redis unreachable or refusing commands (%s); running jobs go on, retrying", exc)
         self.redis_ok = ok
-
-    def _retry(self, fn) -> None:
-        while True:
-            try:
-                return fn()
-            except REDIS_ERRORS:
-                time.sleep(1.0)
 
     def _housekeeping(self) -> None:
         with self._lock:
             entries = [entry for entry, run in self.running.items() if not run.from_config]
+            entries += sorted(self.finishing)  # done here: not to be run again while Redis takes the news
         self.queue.touch(entries)  # our running jobs are not stale, however long they take
         self.redis.hset(self.keys.daemon(self.id), mapping={"running": len(entries), "updated": utc_now()})
         self.redis.expire(self.keys.daemon(self.id), DAEMON_TTL_S)
         free = self.settings.concurrency - self._busy()
         if free > 0:
             for entry, fields in self.queue.claim_stale(free, self.settings.claim_idle_s):
-                if entry not in self.running:
+                if entry not in self.running and entry not in self.finishing:
                     log.info("taking over job entry %s (its daemon stopped refreshing it)", entry)
                     self._take(entry, fields)
         counts = self.queue.counts()
@@ -423,8 +420,20 @@ class Daemon:
             self.store.update(spec.id, values, finished=True, pipe=p)
             if not run.from_config:
                 self.queue.ack(spec.entry, pipe=p)
-            p.execute()
+            try:
+                p.execute()
+            except Exception as exc:
+                if transient(exc):
+                    raise  # the writer tries again
+                with self._lock:  # dropped: the entry goes stale and runs again elsewhere
+                    self.finishing.discard(spec.entry)
+                raise
+            with self._lock:
+                self.finishing.discard(spec.entry)
 
+        if not run.from_config:
+            with self._lock:
+                self.finishing.add(spec.entry)
         self.writer.put(write)
         metrics.JOBS.labels(state=state.value).inc()
 
@@ -454,7 +463,7 @@ class Daemon:
             log.warning("Redis did not take the last state updates; other daemons will redo what is pending")
         try:
             self.redis.delete(self.keys.daemon(self.id))
-        except REDIS_ERRORS:
+        except (*REDIS_ERRORS, redis_lib.ResponseError):
             pass
         log.info("daemon %s stopped", self.id)
 
@@ -462,7 +471,7 @@ class Daemon:
         try:
             self.redis.ping()
             redis_ok = True
-        except REDIS_ERRORS:
+        except (*REDIS_ERRORS, redis_lib.ResponseError):
             redis_ok = False
         workers = self.engine.worker_count()
         return {"ok": redis_ok and self.engine.workers_ok(), "redis": redis_ok, "workers": workers,
