@@ -208,6 +208,28 @@ def test_redis_refusing_writes_for_a_while_delays_the_state_but_the_job_finishes
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0 and not _leftovers(roots / "out")
 
 
+def test_a_redis_error_as_a_job_starts_leaves_no_phantom_run_behind(redis_server, roots):
+    clip = make_clip(roots / "in" / "s.mp4", frames=3, width=96, height=72, face_px=30, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots, extra=["--concurrency", "1"])
+    r = redis_server.client()
+    r.set(f"{prefix}:events", "not a stream")  # the "running" write's event is refused: WRONGTYPE
+    try:
+        for job_id in ("a", "b"):
+            r.xadd(f"{prefix}:jobs", {"id": job_id, "input": str(clip.path), "output": str(roots / "out" / f"{job_id}.mp4"),
+                                      "options": json.dumps({"faces": str(clip.faces_path)})})
+        deadline = time.monotonic() + 30
+        while "WRONGTYPE" not in daemon.text():
+            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+            time.sleep(0.1)
+        r.delete(f"{prefix}:events")  # Redis takes writes again
+        jobs = [_wait_state(r, prefix, job_id, {"done", "failed"}, timeout=60) for job_id in ("a", "b")]
+    finally:
+        assert daemon.stop() == 0
+    assert [job["state"] for job in jobs] == ["done", "done"], jobs
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
+
+
 def test_cancel_while_queued_and_while_running(redis_server, roots):
     clip = make_clip(roots / "in" / "c.mp4", frames=150, audio=False)
     prefix = unique_prefix()

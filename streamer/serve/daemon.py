@@ -345,15 +345,22 @@ class Daemon:
             self._start(spec, {}, 1, from_config=True)
 
     def _start(self, spec: JobSpec, raw: dict, attempt: int, *, from_config: bool = False) -> None:
+        """Say "running", then run. Redis refusing the first write leaves nothing behind (no
+        slot held, no entry kept claimed): the entry stays pending and is taken up again."""
         run = _Running(spec, raw, from_config=from_config)
+        self.store.update(spec.id, {"state": JobState.RUNNING.value, "attempts": attempt, "daemon": self.id,
+                                    "started": utc_now(), "error": "", "progress": 0})
+        run.thread = threading.Thread(target=self._run_job, args=(run,), name=f"job-{spec.id}", daemon=True)
         with self._lock:
             self.running[spec.entry] = run
             self.runs += 1
-        self.store.update(spec.id, {"state": JobState.RUNNING.value, "attempts": attempt, "daemon": self.id,
-                                    "started": utc_now(), "error": "", "progress": 0})
-        metrics.JOBS_RUNNING.set(len(self.running))
-        run.thread = threading.Thread(target=self._run_job, args=(run,), name=f"job-{spec.id}", daemon=True)
-        run.thread.start()
+            metrics.JOBS_RUNNING.set(len(self.running))
+        try:
+            run.thread.start()
+        except BaseException:
+            with self._lock:
+                self.running.pop(spec.entry, None)
+            raise
 
     def _run_job(self, run: _Running) -> None:
         spec = run.spec
@@ -452,6 +459,7 @@ class Daemon:
         if runs:
             log.info("stopping: %d running job(s) get %.0f s to finish", len(runs), self.settings.drain_s)
         deadline = time.monotonic() + self.settings.drain_s
+        runs = [run for run in runs if run.thread is not None and run.thread.ident is not None]  # started ones
         for run in runs:
             run.thread.join(max(0.0, deadline - time.monotonic()))
         for run in runs:
