@@ -370,6 +370,28 @@ def test_sigterm_past_the_drain_time_leaves_the_job_pending_for_another_daemon(r
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 1 and not list((roots / "out").iterdir())
 
 
+def test_sigterm_restarts_do_not_count_as_failed_attempts(redis_server, roots):
+    clip = make_clip(roots / "in" / "g.mp4", frames=300, audio=False)
+    prefix = unique_prefix()
+    env = {"GPEN_STREAM_SERVE_DRAIN_S": "0.5", "GPEN_STREAM_SERVE_MAX_ATTEMPTS": "2"}
+    r = redis_server.client()
+    r.xadd(f"{prefix}:jobs", {"id": "g", "input": str(clip.path), "output": str(roots / "out" / "g.mp4"),
+                              "options": json.dumps({"faces": str(clip.faces_path)})})
+    for restart in range(2):  # two rolling restarts, each in the middle of the job
+        daemon = Daemon(redis_server, prefix, roots, name=f"d{restart}", env=env)
+        _wait_state(r, prefix, "g", {"running"})
+        assert daemon.stop(signal.SIGTERM) == 0
+        job = _job(r, prefix, "g")
+        assert job["state"] == "queued" and job["attempts"] == "0", job
+    last = Daemon(redis_server, prefix, roots, name="last", env={"GPEN_STREAM_SERVE_MAX_ATTEMPTS": "2"})
+    try:
+        job = _wait_state(r, prefix, "g", {"done", "failed"}, timeout=120)
+    finally:
+        assert last.stop() == 0
+    assert job["state"] == "done" and job["attempts"] == "1", job
+    assert r.xlen(f"{prefix}:jobs:dead") == 0
+
+
 def test_serve_without_redis_says_so_in_one_line(roots):
     from tests.support.redis_server import free_port
 

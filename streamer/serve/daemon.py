@@ -134,6 +134,7 @@ class _Running:
     spec: JobSpec
     fields: dict
     from_config: bool = False  # a stream of serve.streams: no queue entry behind it
+    attempt: int = 1  # the job's attempts count with this run
     cancel: threading.Event = field(default_factory=threading.Event)
     user_cancelled: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -347,7 +348,7 @@ class Daemon:
     def _start(self, spec: JobSpec, raw: dict, attempt: int, *, from_config: bool = False) -> None:
         """Say "running", then run. Redis refusing the first write leaves nothing behind (no
         slot held, no entry kept claimed): the entry stays pending and is taken up again."""
-        run = _Running(spec, raw, from_config=from_config)
+        run = _Running(spec, raw, from_config=from_config, attempt=attempt)
         self.store.update(spec.id, {"state": JobState.RUNNING.value, "attempts": attempt, "daemon": self.id,
                                     "started": utc_now(), "error": "", "progress": 0})
         run.thread = threading.Thread(target=self._run_job, args=(run,), name=f"job-{spec.id}", daemon=True)
@@ -379,8 +380,9 @@ class Daemon:
             except Cancelled:
                 if run.user_cancelled:
                     self._finish(run, JobState.CANCELLED, error="cancelled")
-                else:  # the daemon is stopping: leave it pending for another daemon
-                    self._requeue(run, "the daemon stopped before the job finished; it will run again")
+                else:  # the daemon is stopping: leave it pending for another daemon, no attempt spent
+                    self._requeue(run, "the daemon stopped before the job finished; it will run again",
+                                  failed=False)
             except GpenStreamError as exc:
                 if exc.retryable:
                     self._requeue(run, str(exc))
@@ -444,11 +446,16 @@ class Daemon:
         self.writer.put(write)
         metrics.JOBS.labels(state=state.value).inc()
 
-    def _requeue(self, run: _Running, error: str) -> None:
-        """Not acknowledged: the entry stays pending and is taken over after claim_idle_s."""
+    def _requeue(self, run: _Running, error: str, *, failed: bool = True) -> None:
+        """Not acknowledged: the entry stays pending and is taken over after claim_idle_s.
+        ``failed=False`` (the daemon stopped under it): the attempt is given back, so restarts
+        (deploys, scale-down) never bury a healthy job, nor a live one that never ends."""
         log.warning("will be retried: %s", error)
+        values = {"state": JobState.QUEUED.value, "error": error}
+        if not failed:
+            values["attempts"] = run.attempt - 1
         self.writer.drop_progress(run.spec.id)
-        self.writer.put(lambda: self.store.update(run.spec.id, {"state": JobState.QUEUED.value, "error": error}))
+        self.writer.put(lambda: self.store.update(run.spec.id, values))
         metrics.JOBS.labels(state="retried").inc()
 
     # ------------------------------------------------------------------ stopping
