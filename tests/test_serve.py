@@ -159,6 +159,74 @@ def test_fifty_jobs_on_two_daemons_each_run_exactly_once(redis_server, roots):
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
 
 
+def test_a_job_ended_without_running_removes_what_a_crashed_attempt_left(redis_server, roots):
+    clip = make_clip(roots / "in" / "long.mp4", frames=150, audio=False)
+    prefix = unique_prefix()
+    first = Daemon(redis_server, prefix, roots, name="first", extra=["--concurrency", "2"])
+    r = redis_server.client()
+    for job_id in ("cancelled", "buried"):
+        r.xadd(f"{prefix}:jobs", {"id": job_id, "input": str(clip.path), "output": str(roots / "out" / f"{job_id}.mp4"),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+    deadline = time.monotonic() + 60
+    while min(float(_job(r, prefix, j).get("progress") or 0) for j in ("cancelled", "buried")) < 0.1:
+        assert time.monotonic() < deadline, first.text()
+        time.sleep(0.05)
+    first.stop(signal.SIGKILL)
+    assert len(_leftovers(roots / "out")) == 2  # each crashed attempt's half-written file
+    r.hset(f"{prefix}:job:cancelled", "cancel", "1")  # the user gives up on it
+    second = Daemon(redis_server, prefix, roots, name="second", env={"GPEN_STREAM_SERVE_MAX_ATTEMPTS": "1"})
+    try:
+        cancelled = _wait_state(r, prefix, "cancelled", {"cancelled", "done", "failed"}, timeout=60)
+        buried = _wait_state(r, prefix, "buried", {"cancelled", "done", "failed"}, timeout=60)
+    finally:
+        assert second.stop() == 0
+    assert cancelled["state"] == "cancelled" and buried["state"] == "failed" and "gave up" in buried["error"]
+    assert list((roots / "out").iterdir()) == []  # neither ran again, and nothing is left behind
+
+
+def test_a_daemon_that_stalls_and_loses_its_job_stops_instead_of_running_it_twice(redis_server, roots):
+    clip = make_clip(roots / "in" / "v.mp4", frames=600, audio=False)
+    prefix = unique_prefix()
+    out = roots / "out" / "v.mp4"
+    a = Daemon(redis_server, prefix, roots, name="a")
+    b = Daemon(redis_server, prefix, roots, name="b")
+    r = redis_server.client()
+    try:
+        b.proc.send_signal(signal.SIGSTOP)  # a takes the job
+        r.xadd(f"{prefix}:jobs", {"id": "v", "input": str(clip.path), "output": str(out),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        deadline = time.monotonic() + 60
+        while float(_job(r, prefix, "v").get("progress") or 0) < 0.1:
+            assert time.monotonic() < deadline, a.text()
+            time.sleep(0.05)
+        a.proc.send_signal(signal.SIGSTOP)  # a stalls (a VM pause, a swap storm) past claim_idle_s
+        b.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while not (_job(r, prefix, "v").get("attempts") == "2" and float(_job(r, prefix, "v")["progress"] or 0) > 0.05):
+            assert time.monotonic() < deadline, b.text()
+            time.sleep(0.05)
+        b_id = _job(r, prefix, "v")["daemon"]
+        a.proc.send_signal(signal.SIGCONT)
+        time.sleep(3)  # a's housekeeping runs again
+        assert _job(r, prefix, "v")["state"] == "running", "the job ended too soon to see a and b side by side"
+        owners = [p["consumer"].decode() for p in r.xpending_range(f"{prefix}:jobs", prefix, "-", "+", 5)]
+        assert owners == [b_id]  # a did not steal it back
+        job = _wait_state(r, prefix, "v", {"done", "failed"}, timeout=120)
+        time.sleep(3)  # what a would still write
+        job = _job(r, prefix, "v")
+    finally:
+        for d in (a, b):
+            d.proc.send_signal(signal.SIGCONT)
+            assert d.stop() == 0
+    states = [e["state"] for e in _events(r, prefix, "v") if "state" in e]
+    assert job["state"] == "done" and job["attempts"] == "2" and states[-1] == "done", (job, states)
+    assert states.count("done") == 1 and "queued" not in states[states.index("done"):], states
+    assert "done:" not in a.text() and "done:" in b.text()  # only b finished the work
+    assert "taken over by another daemon" in a.text() or "no longer this run's" in a.text(), a.text()
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
+    assert len(read_frames(out)[0]) == 600 and sorted(p.name for p in (roots / "out").iterdir()) == ["v.mp4"]
+
+
 def test_a_job_survives_a_redis_restart(redis_server, roots):
     clip = make_clip(roots / "in" / "r.mp4", frames=120, audio=False)
     prefix = unique_prefix()

@@ -29,10 +29,12 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis as redis_lib
 
 from configs import JobOptions, LiveSettings, ServeSettings, load_settings
+from configs.atomic import attempt_tag, tagged_parts
 from configs.errors import Cancelled, GpenStreamError
 from streamer import logs
 from streamer.engine import Engine
@@ -42,7 +44,7 @@ from streamer.pipeline import Progress
 from streamer.serve.connection import REDIS_ERRORS, connect, redact, transient
 from configs.keys import Keys
 from streamer.serve.queue import JobQueue
-from streamer.serve.spec import JobRejected, JobSpec, decode_fields, job_id_of, parse_job
+from streamer.serve.spec import JobRejected, JobSpec, decode_fields, job_id_of, parse_job, resolve_under
 from streamer.serve.state import FINISHED, JobState, JobStore, utc_now
 from workers import metrics
 
@@ -137,6 +139,7 @@ class _Running:
     attempt: int = 1  # the job's attempts count with this run
     cancel: threading.Event = field(default_factory=threading.Event)
     user_cancelled: bool = False
+    lost: bool = False  # another daemon took the entry over: this run writes nothing more
     started: float = field(default_factory=time.monotonic)
     last_progress: float = 0.0
     thread: threading.Thread | None = None
@@ -217,7 +220,8 @@ class Daemon:
         with self._lock:
             entries = [entry for entry, run in self.running.items() if not run.from_config]
             entries += sorted(self.finishing)  # done here: not to be run again while Redis takes the news
-        self.queue.touch(entries)  # our running jobs are not stale, however long they take
+        for entry in self.queue.touch(entries):  # our running jobs are not stale, however long they take
+            self._lost(entry)
         self.redis.hset(self.keys.daemon(self.id), mapping={"running": len(entries), "updated": utc_now()})
         self.redis.expire(self.keys.daemon(self.id), DAEMON_TTL_S)
         free = self.settings.concurrency - self._busy()
@@ -229,6 +233,17 @@ class Daemon:
         counts = self.queue.counts()
         for name, value in counts.items():
             metrics.JOB_QUEUE.labels(kind=name).set(value)
+
+    def _lost(self, entry: str) -> None:
+        """Another daemon took ``entry`` over (this one stalled past claim_idle_s): it runs the
+        job now; ours stops without writing anything."""
+        with self._lock:
+            run = self.running.get(entry)
+        if run is not None and not run.lost:
+            log.warning("job entry %s was taken over by another daemon (this one stalled); stopping our run",
+                        entry, extra={"job": run.spec.id})
+            run.lost = True
+            run.cancel.set()
 
     def _busy(self) -> int:
         """Slots in use: queued jobs only (the streams of serve.streams run besides them)."""
@@ -287,18 +302,15 @@ class Daemon:
                 return
         current = self.store.get(job_id)
         if current.get("cancel") == "1":
-            self._finish_now(job_id, entry, JobState.CANCELLED, "")
+            self._finish_now(job_id, entry, JobState.CANCELLED, "", output=current.get("output"))
             return
         attempts = int(current.get("attempts") or 0)
         if attempts >= self.settings.max_attempts:
             error = current.get("error") or "the job did not finish"
             message = f"gave up after {attempts} attempts: {error}"
             log.error("%s", message, extra={"job": job_id})
-            p = self.redis.pipeline(transaction=True)
-            self.store.update(job_id, {"state": JobState.FAILED.value, "error": message, "finished": utc_now()},
-                              finished=True, pipe=p)
-            self.queue.bury(entry, raw, message, pipe=p)
-            p.execute()
+            self._finish_now(job_id, entry, JobState.FAILED, message, output=current.get("output"),
+                             end=lambda p: self.queue.bury(entry, raw, message, pipe=p))
             metrics.JOBS.labels(state="dead").inc()
             return
         try:
@@ -307,23 +319,42 @@ class Daemon:
                              live_sources=self.settings.live_sources)
         except JobRejected as exc:
             log.error("rejected: %s", exc, extra={"job": job_id})
-            self._finish_now(job_id, entry, JobState.FAILED, str(exc))
+            self._finish_now(job_id, entry, JobState.FAILED, str(exc), output=current.get("output"))
             return
         if not self.engine.can_serve(spec.options.model):  # not acknowledged: taken up again after claim_idle_s
             reason = f"waiting: no registered worker serves {spec.options.model}"
             if current.get("error") != reason:
                 log.info("%s", reason, extra={"job": job_id})
-                self.store.update(job_id, {"state": JobState.QUEUED.value, "error": reason})
+                self.store.update_if(job_id, {"state": JobState.QUEUED.value, "error": reason})
             return
         self._start(spec, raw, attempts + 1)
 
-    def _finish_now(self, job_id: str, entry: str, state: JobState, error: str) -> None:
-        p = self.redis.pipeline(transaction=True)
-        self.store.update(job_id, {"state": state.value, "error": error, "finished": utc_now(), "daemon": self.id},
-                          finished=True, pipe=p)
-        self.queue.ack(entry, pipe=p)
-        p.execute()
+    def _finish_now(self, job_id: str, entry: str, state: JobState, error: str, *, output: str | None = None,
+                    end=None) -> None:
+        """End a job this daemon just took, without running it: its state (unless it finished
+        meanwhile), its entry acknowledged (``end(pipe)``: or buried), what attempts before
+        left beside its output removed."""
+        values = {"state": state.value, "error": error, "finished": utc_now(), "daemon": self.id}
+        end = end or (lambda p: self.queue.ack(entry, pipe=p))
+        if not self.store.update_if(job_id, values, finished=True, also=end):
+            self.queue.ack(entry)  # it finished elsewhere meanwhile: that state stays
+        if output:
+            self._remove_parts(job_id, output)
         metrics.JOBS.labels(state=state.value).inc()
+
+    def _remove_parts(self, job_id: str, output: str | Path) -> None:
+        """Remove the temporary files earlier attempts at ``job_id`` left beside ``output``
+        (resolved again under the output roots: a hash field is no licence to delete)."""
+        try:
+            dest = resolve_under(str(output), self.settings.output_roots, "output", must_exist=False)
+        except JobRejected:
+            return  # a stream URL, or not (or no longer) under the roots
+        for part in tagged_parts(dest, job_id):
+            try:
+                part.unlink(missing_ok=True)
+                log.info("removed %s, left by an earlier attempt", part.name, extra={"job": job_id})
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", part, exc, extra={"job": job_id})
 
     def _start_config_streams(self) -> None:
         """The live feeds listed in serve.streams run while this daemon runs (like cameras)."""
@@ -349,8 +380,15 @@ class Daemon:
         """Say "running", then run. Redis refusing the first write leaves nothing behind (no
         slot held, no entry kept claimed): the entry stays pending and is taken up again."""
         run = _Running(spec, raw, from_config=from_config, attempt=attempt)
-        self.store.update(spec.id, {"state": JobState.RUNNING.value, "attempts": attempt, "daemon": self.id,
-                                    "started": utc_now(), "error": "", "progress": 0})
+        values = {"state": JobState.RUNNING.value, "attempts": attempt, "daemon": self.id, "started": utc_now(),
+                  "error": "", "progress": 0}
+        if from_config:  # a feed of the config: runs again whatever an earlier run ended in
+            self.store.update(spec.id, values, persist=True)
+        elif not self.store.update_if(spec.id, values):  # finished meanwhile (by a daemon that stalled)
+            self.queue.ack(spec.entry)
+            return
+        if not spec.live:
+            self._remove_parts(spec.id, spec.output)
         run.thread = threading.Thread(target=self._run_job, args=(run,), name=f"job-{spec.id}", daemon=True)
         with self._lock:
             self.running[spec.entry] = run
@@ -376,9 +414,12 @@ class Daemon:
                 else:
                     result = restore_file(spec.input, spec.output, spec.options, engine=self.engine,
                                           faces_file=spec.faces, progress=lambda p: self._progress(run, p),
-                                          cancel=run.cancel, job_id=spec.id, temp_tag=spec.id)
+                                          cancel=run.cancel, job_id=spec.id,
+                                          temp_tag=attempt_tag(spec.id, run.attempt))
             except Cancelled:
-                if run.user_cancelled:
+                if run.lost:
+                    log.info("stopped: another daemon runs the job now")
+                elif run.user_cancelled:
                     self._finish(run, JobState.CANCELLED, error="cancelled")
                 else:  # the daemon is stopping: leave it pending for another daemon, no attempt spent
                     self._requeue(run, "the daemon stopped before the job finished; it will run again",
@@ -413,7 +454,7 @@ class Daemon:
         if p.live is not None:  # live jobs: their figures, in the hash and as metrics
             fields |= {k: ("" if p.live.get(k) is None else p.live[k]) for k in metrics.LIVE_FIGURES}
             metrics.publish_live(run.spec.id, p.live)
-        self.writer.put_progress(run.spec.id, lambda: self.store.update(run.spec.id, fields))
+        self.writer.put_progress(run.spec.id, lambda: self._write(run, fields))
 
     def _finish(self, run: _Running, state: JobState, *, error: str = "", output: str = "", frames: int = 0) -> None:
         """Write the final state, then acknowledge: in that order, through the writer (Redis
@@ -425,12 +466,9 @@ class Daemon:
         self.writer.drop_progress(spec.id)
 
         def write() -> None:
-            p = self.redis.pipeline(transaction=True)
-            self.store.update(spec.id, values, finished=True, pipe=p)
-            if not run.from_config:
-                self.queue.ack(spec.entry, pipe=p)
             try:
-                p.execute()
+                self._write(run, values, finished=True,
+                            also=None if run.from_config else lambda p: self.queue.ack(spec.entry, pipe=p))
             except Exception as exc:
                 if transient(exc):
                     raise  # the writer tries again
@@ -455,8 +493,26 @@ class Daemon:
         if not failed:
             values["attempts"] = run.attempt - 1
         self.writer.drop_progress(run.spec.id)
-        self.writer.put(lambda: self.store.update(run.spec.id, values))
+        self.writer.put(lambda: self._write(run, values))
         metrics.JOBS.labels(state="retried").inc()
+
+    def _write(self, run: _Running, values: dict, *, finished: bool = False, also=None) -> None:
+        """A state change of ``run``'s, only while the job is still this run's (see
+        ``JobStore.update_if``); a run that lost its job writes nothing."""
+        if run.lost:
+            return
+        if run.from_config:  # a feed of this daemon's config: no entry, nobody takes it over
+            p = self.redis.pipeline(transaction=True)
+            self.store.update(run.spec.id, values, finished=finished, pipe=p)
+            if also is not None:
+                also(p)
+            p.execute()
+        elif not self.store.update_if(run.spec.id, values, owner=(self.id, run.attempt), finished=finished,
+                                      also=also):
+            log.warning("the job is no longer this run's (another daemon took it over, or it ended); "
+                        "stopping, its state left as it is", extra={"job": run.spec.id})
+            run.lost = True
+            run.cancel.set()
 
     # ------------------------------------------------------------------ stopping
 

@@ -4,7 +4,9 @@ idempotent job ids and atomic output renames.
 - ``read``: new entries for this daemon (XREADGROUP ... >); they stay in the group's pending
   entries list (PEL) until acknowledged.
 - ``touch``: a daemon keeps the entries it is running claimed (XCLAIM ... JUSTID resets their
-  idle time), so a long job is never taken over while its daemon lives.
+  idle time), so a long job is never taken over while its daemon lives; but only those still
+  its own (``TOUCH_LUA``): a daemon that stalled past ``claim_idle_s`` learns that another took
+  its entry over, and stops, instead of stealing it back.
 - ``claim_stale``: entries idle longer than ``claim_idle_s`` belong to a daemon that died (or
   to a job that failed in a way worth retrying): take them over (XAUTOCLAIM).
 - ``ack``: only once the job's output is in place and its state says so, or it failed for a
@@ -19,10 +21,30 @@ import redis as redis_lib
 from configs.keys import Keys
 from streamer.serve.state import text
 
+# Keep this consumer's entries claimed (idle time back to 0), only those pending at this
+# consumer; report the ones pending at another consumer (taken over while this one stalled).
+# Entries no longer pending (acknowledged) are left alone. KEYS: jobs stream. ARGV: group,
+# consumer, entry ids. Returns the entries lost to another consumer.
+TOUCH_LUA = """
+local lost = {}
+for i = 3, #ARGV do
+  local found = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if found then
+    if found[2] == ARGV[2] then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    else
+      table.insert(lost, ARGV[i])
+    end
+  end
+end
+return lost
+"""
+
 
 class JobQueue:
     def __init__(self, redis, keys: Keys, consumer: str):
         self.redis, self.keys, self.consumer = redis, keys, consumer
+        self._touch = redis.register_script(TOUCH_LUA)
 
     def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if absent; from the start of the stream,
@@ -49,10 +71,13 @@ class JobQueue:
             self.redis.xack(self.keys.jobs, self.keys.group, *gone)
         return [(text(entry), fields) for entry, fields in claimed if fields is not None]
 
-    def touch(self, entries: list[str]) -> None:
-        if entries:
-            self.redis.xclaim(self.keys.jobs, self.keys.group, self.consumer, min_idle_time=0,
-                              message_ids=entries, justid=True)
+    def touch(self, entries: list[str]) -> list[str]:
+        """Reset the idle time of those of ``entries`` still ours; the ones another daemon took
+        over."""
+        if not entries:
+            return []
+        lost = self._touch(keys=[self.keys.jobs], args=[self.keys.group, self.consumer, *entries])
+        return [text(e) for e in lost or []]
 
     def ack(self, entry: str, pipe=None) -> None:
         (pipe or self.redis).xack(self.keys.jobs, self.keys.group, entry)
