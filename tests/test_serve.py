@@ -227,6 +227,24 @@ def test_a_daemon_that_stalls_and_loses_its_job_stops_instead_of_running_it_twic
     assert len(read_frames(out)[0]) == 600 and sorted(p.name for p in (roots / "out").iterdir()) == ["v.mp4"]
 
 
+def test_a_stale_entry_behind_many_live_ones_is_taken_over(redis_server):
+    from configs.keys import Keys
+    from streamer.serve.queue import JobQueue
+
+    r, keys = redis_server.client(), Keys(unique_prefix())
+    alive, dead, new = (JobQueue(r, keys, name) for name in ("alive", "dead", "new"))
+    alive.ensure_group()
+    for i in range(41):
+        r.xadd(keys.jobs, {"id": f"j{i}", "input": "/in/a.mp4", "output": f"/out/{i}.mp4"})
+    held = [entry for entry, _ in alive.read(40, block_ms=100)]  # long jobs on a living daemon
+    [(lost, _)] = dead.read(1, block_ms=100)  # the job of a daemon that was killed
+    time.sleep(1.2)
+    assert alive.touch(held) == []  # the living daemon's housekeeping
+    taken = new.claim_stale(1, min_idle_s=1.0)  # one free slot: XAUTOCLAIM looks at 10 entries a call
+    assert [entry for entry, _ in taken] == [lost]
+    assert {p["consumer"] for p in r.xpending_range(keys.jobs, keys.group, "-", "+", 50)} == {b"alive", b"new"}
+
+
 def test_a_job_survives_a_redis_restart(redis_server, roots):
     clip = make_clip(roots / "in" / "r.mp4", frames=120, audio=False)
     prefix = unique_prefix()
