@@ -507,6 +507,41 @@ def test_clients_submit_follow_and_list_jobs(redis_server, roots):
         assert daemon.stop() == 0
 
 
+def test_watch_sees_a_job_end_between_its_reads_while_other_jobs_are_busy(redis_server):
+    import threading
+
+    from streamer.serve.client import RECHECK_S, Client
+
+    prefix = unique_prefix()
+    r = redis_server.client()
+    client = Client(redis_server.url, prefix)
+    stop = threading.Event()
+
+    def busy():  # another job's progress: the events never go quiet
+        while not stop.is_set():
+            r.xadd(f"{prefix}:events", {"id": "other", "progress": "0.5"})
+            stop.wait(0.3)
+
+    threading.Thread(target=busy, daemon=True).start()
+    try:
+        r.hset(f"{prefix}:job:mine", mapping={"state": "running", "progress": "0.99"})
+        watching = client.watch("mine", timeout_s=15)
+        assert next(watching)["state"] == "running"
+        r.hset(f"{prefix}:job:mine", "state", "done")  # it ends now, before watch reads the events
+        r.xadd(f"{prefix}:events", {"id": "mine", "state": "done"})
+        started = time.monotonic()
+        assert [e.get("state") for e in watching] == ["done"] and time.monotonic() - started < 3
+
+        r.hset(f"{prefix}:job:trimmed", mapping={"state": "running"})
+        watching = client.watch("trimmed", timeout_s=15)
+        next(watching)
+        r.hset(f"{prefix}:job:trimmed", "state", "failed")  # its event lost (trimmed, a capped stream)
+        started = time.monotonic()
+        assert [e.get("state") for e in watching] == ["failed"] and time.monotonic() - started < RECHECK_S + 2
+    finally:
+        stop.set()
+
+
 def test_redis_urls_with_a_password_work_and_are_never_logged(tmp_path, roots):
     from tests.support.redis_server import RedisServer
 
