@@ -286,3 +286,35 @@ def test_a_job_waits_queued_until_a_worker_serves_its_model(redis_server, tmp_pa
         assert daemon.stop() == 0
         if worker is not None:
             _stop(worker)
+
+
+def test_a_job_waiting_for_a_worker_is_cancelled_at_once_and_an_unknown_model_is_refused(redis_server, tmp_path):
+    import json
+
+    from tests.test_serve import Daemon, _wait_state
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    clip = make_clip(tmp_path / "in" / "q.mp4", frames=4, width=96, height=72, face_px=30, audio=False)
+    prefix = unique_prefix()
+    # no worker at all; a long claim_idle_s: taking the entry over again is not how the cancel is seen
+    daemon = Daemon(redis_server, prefix, tmp_path, extra=["--farm"], env={"GPEN_STREAM_SERVE_CLAIM_IDLE_S": "30"})
+    r = redis_server.client()
+    try:
+        for job_id, model in (("w", "identity"), ("typo", "GPEN-BFR-5l2")):
+            r.xadd(f"{prefix}:jobs", {"id": job_id, "input": str(clip.path), "output": str(tmp_path / "out" / "q.mp4"),
+                                      "model": model, "options": json.dumps({"faces": str(clip.faces_path)})})
+        typo = _wait_state(r, prefix, "typo", {"done", "failed"}, timeout=30)
+        deadline = time.monotonic() + 30
+        while b"no registered worker serves identity" not in (r.hget(f"{prefix}:job:w", "error") or b""):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        asked = time.monotonic()
+        r.hset(f"{prefix}:job:w", "cancel", "1")
+        waiting = _wait_state(r, prefix, "w", {"cancelled", "done", "failed"}, timeout=10)
+        took = time.monotonic() - asked
+    finally:
+        assert daemon.stop() == 0
+    assert typo["state"] == "failed" and "unknown model 'GPEN-BFR-5l2'" in typo["error"], typo
+    assert waiting["state"] == "cancelled" and took < 1.5, (waiting, took)
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0

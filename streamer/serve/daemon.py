@@ -132,6 +132,17 @@ class RedisWriter:
 
 
 @dataclass
+class _Waiting:
+    """A job taken from the queue that no registered worker serves yet: kept claimed by this
+    daemon, started as soon as one does, cancelled at once if asked."""
+
+    job_id: str
+    raw: dict
+    model: str
+    output: str | None
+
+
+@dataclass
 class _Running:
     spec: JobSpec
     fields: dict
@@ -159,6 +170,7 @@ class Daemon:
         self.writer = RedisWriter()
         self.running: dict[str, _Running] = {}  # by entry id
         self.finishing: set[str] = set()  # entries of finished jobs whose final write waits in the writer
+        self.waiting: dict[str, _Waiting] = {}  # by entry id: jobs no registered worker serves yet (--farm)
         self._lock = threading.Lock()
         self.draining = False
         self.redis_ok = True
@@ -220,8 +232,10 @@ class Daemon:
         with self._lock:
             entries = [entry for entry, run in self.running.items() if not run.from_config]
             entries += sorted(self.finishing)  # done here: not to be run again while Redis takes the news
+        entries += list(self.waiting)
         for entry in self.queue.touch(entries):  # our running jobs are not stale, however long they take
             self._lost(entry)
+        self._start_waiting()
         self.redis.hset(self.keys.daemon(self.id), mapping={"running": len(entries), "updated": utc_now()})
         self.redis.expire(self.keys.daemon(self.id), DAEMON_TTL_S)
         free = self.settings.concurrency - self._busy()
@@ -234,9 +248,20 @@ class Daemon:
         for name, value in counts.items():
             metrics.JOB_QUEUE.labels(kind=name).set(value)
 
+    def _start_waiting(self) -> None:
+        """Start the waiting jobs whose model some worker now serves, while slots are free."""
+        for entry, waiting in list(self.waiting.items()):
+            if self.settings.concurrency - self._busy() <= 0:
+                return
+            if self.engine.can_serve(waiting.model):
+                del self.waiting[entry]
+                self._take(entry, waiting.raw)
+
     def _lost(self, entry: str) -> None:
         """Another daemon took ``entry`` over (this one stalled past claim_idle_s): it runs the
         job now; ours stops without writing anything."""
+        if self.waiting.pop(entry, None) is not None:
+            return
         with self._lock:
             run = self.running.get(entry)
         if run is not None and not run.lost:
@@ -253,7 +278,13 @@ class Daemon:
     def _poll_cancels(self) -> None:
         with self._lock:
             by_job = {run.spec.id: run for run in self.running.values()}
-        for job_id in self.store.cancel_requested(list(by_job)):
+        waiting = {w.job_id: entry for entry, w in self.waiting.items()}
+        for job_id in self.store.cancel_requested([*by_job, *waiting]):
+            if job_id in waiting:  # not started: it ends here and now
+                log.info("cancel requested", extra={"job": job_id})
+                w = self.waiting.pop(waiting[job_id])
+                self._finish_now(job_id, waiting[job_id], JobState.CANCELLED, "", output=w.output)
+                continue
             run = by_job[job_id]
             if not run.cancel.is_set():
                 log.info("cancel requested", extra={"job": job_id})
@@ -265,6 +296,7 @@ class Daemon:
     def _take(self, entry: str, raw: dict) -> None:
         """Handle one entry. Whatever is wrong with it fails that job, never the daemon; Redis
         trouble goes to the loop (the entry stays pending and is taken up again)."""
+        self.waiting.pop(entry, None)
         try:
             self._take_entry(entry, raw)
         except (*REDIS_ERRORS, redis_lib.ResponseError):
@@ -321,11 +353,17 @@ class Daemon:
             log.error("rejected: %s", exc, extra={"job": job_id})
             self._finish_now(job_id, entry, JobState.FAILED, str(exc), output=current.get("output"))
             return
-        if not self.engine.can_serve(spec.options.model):  # not acknowledged: taken up again after claim_idle_s
-            reason = f"waiting: no registered worker serves {spec.options.model}"
+        model = spec.options.model
+        if not self.engine.can_serve(model):  # not acknowledged: it waits here for a worker
+            if not _known_model(model, self.engine):
+                self._finish_now(job_id, entry, JobState.FAILED, f"unknown model '{model}'; no worker serves it, "
+                                 f"and it is none of {', '.join(_model_names(self.engine))}")
+                return
+            reason = f"waiting: no registered worker serves {model}"
             if current.get("error") != reason:
                 log.info("%s", reason, extra={"job": job_id})
                 self.store.update_if(job_id, {"state": JobState.QUEUED.value, "error": reason})
+            self.waiting[entry] = _Waiting(job_id, raw, model, current.get("output"))
             return
         self._start(spec, raw, attempts + 1)
 
@@ -547,3 +585,17 @@ class Daemon:
         workers = self.engine.worker_count()
         return {"ok": redis_ok and self.engine.workers_ok(), "redis": redis_ok, "workers": workers,
                 "running": len(self.running), "daemon": self.id}
+
+
+def _model_names(engine: Engine) -> list[str]:
+    from workers.restorers import GPEN_SIZES, IDENTITY
+
+    return [*GPEN_SIZES, IDENTITY, *engine.worker_settings.models]
+
+
+def _known_model(model: str, engine: Engine) -> bool:
+    """Whether some worker could ever serve ``model``: a released GPEN, a diagnostic model, or
+    one the settings give weights for (a name no worker knows would wait for ever)."""
+    from workers.restorers import STANDIN
+
+    return model in _model_names(engine) or STANDIN.match(model) is not None
