@@ -562,6 +562,49 @@ def test_redis_urls_with_a_password_work_and_are_never_logged(tmp_path, roots):
         server.stop()
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:pw@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+    ("redis://127.0.0.1:6379/0?password=pw&db=1", "redis://127.0.0.1:6379/0?password=***&db=1"),
+    ("rediss://user:pw@[::1]:6380/2", "rediss://user:***@[::1]:6380/2"),
+    ("srt://cam:9000?passphrase=pw&latency=20", "srt://cam:9000?passphrase=***&latency=20"),
+    ("rtsp://[::1", "rtsp://(a URL that cannot be parsed)"),
+    ("/media/out/a.mp4", "/media/out/a.mp4"),
+])
+def test_redact_hides_passwords_and_keeps_the_rest_of_the_url(url, shown):
+    from streamer.logs import redact, redact_text
+
+    assert redact(url) == shown
+    assert redact_text(f"cannot open '{url}': refused") == f"cannot open '{shown}': refused"
+
+
+def test_credentials_in_urls_never_reach_the_daemon_log(tmp_path, roots):
+    from types import SimpleNamespace
+
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "auth", password="s3cret-pw").start()
+    try:
+        by_query = SimpleNamespace(url=f"redis://127.0.0.1:{server.port}/0?password=s3cret-pw", client=server.client)
+        prefix = unique_prefix()
+        daemon = Daemon(by_query, prefix, roots, env={"GPEN_STREAM_SERVE_LIVE_SOURCES": '["rtsp://127.0.0.1"]'})
+        r = server.client()
+        r.xadd(f"{prefix}:jobs", {"id": "cam", "input": "rtsp://admin:cam-s3cret@127.0.0.1:9/stream",
+                                  "output": "rtsp://pub:out-s3cret@127.0.0.1:9/out"})
+        deadline = time.monotonic() + 30
+        while "running rtsp://" not in daemon.text():
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.1)
+        time.sleep(2)  # the camera refuses: what the live source logs about it
+        r.hset(f"{prefix}:job:cam", "cancel", "1")
+        job = _wait_state(r, prefix, "cam", {"cancelled", "failed"}, timeout=30)
+        assert daemon.stop() == 0
+    finally:
+        server.stop()
+    for secret in ("s3cret-pw", "cam-s3cret", "out-s3cret"):
+        assert secret not in daemon.text() and secret not in job.get("error", ""), secret
+    assert "password=***" in daemon.text() and "rtsp://admin:***@127.0.0.1:9/stream" in daemon.text()
+
+
 def test_a_stream_job_runs_live_with_its_figures_in_the_hash_until_cancelled(redis_server, roots,
                                                                               retinaface_mobile_weights):
     from tests.support.streams import Publisher, RtspRelay, read_frame_indices, rtsp_relay_unavailable

@@ -4,11 +4,12 @@ purpose: the client commands import only this."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis as redis_lib
 
 from configs.errors import TransientError
+from streamer.logs import redact  # noqa: F401  (imported from here by the serve and stream modules)
 
 REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError)
 # Error replies that say Redis cannot take the command for now (out of memory at maxmemory, a
@@ -33,16 +34,6 @@ def transient(exc: BaseException) -> bool:
     return code in TRANSIENT_REPLIES or isinstance(exc, (redis_lib.exceptions.OutOfMemoryError,
                                                          redis_lib.exceptions.ReadOnlyError,
                                                          redis_lib.exceptions.BusyLoadingError))
-
-
-def redact(url: str) -> str:
-    """The URL without its password (credentials are never logged)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect(url: str):

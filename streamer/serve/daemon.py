@@ -37,6 +37,7 @@ from configs import JobOptions, LiveSettings, ServeSettings, load_settings
 from configs.atomic import attempt_tag, tagged_parts
 from configs.errors import Cancelled, GpenStreamError
 from streamer import logs
+from streamer.logs import redact_text
 from streamer.engine import Engine
 from streamer.jobs.live import LiveStream, run_live
 from streamer.jobs.restore import restore_file
@@ -372,7 +373,7 @@ class Daemon:
         """End a job this daemon just took, without running it: its state (unless it finished
         meanwhile), its entry acknowledged (``end(pipe)``: or buried), what attempts before
         left beside its output removed."""
-        values = {"state": state.value, "error": error, "finished": utc_now(), "daemon": self.id}
+        values = {"state": state.value, "error": redact_text(error), "finished": utc_now(), "daemon": self.id}
         end = end or (lambda p: self.queue.ack(entry, pipe=p))
         if not self.store.update_if(job_id, values, finished=True, also=end):
             self.queue.ack(entry)  # it finished elsewhere meanwhile: that state stays
@@ -498,7 +499,7 @@ class Daemon:
         """Write the final state, then acknowledge: in that order, through the writer (Redis
         may be down right now; the job is done either way)."""
         spec = run.spec
-        values = {"state": state.value, "error": error, "finished": utc_now()}
+        values = {"state": state.value, "error": redact_text(error), "finished": utc_now()}
         if state is JobState.DONE:
             values |= {"output": output, "progress": 1, "frames_done": frames, "eta_s": 0}
         self.writer.drop_progress(spec.id)
@@ -527,7 +528,7 @@ class Daemon:
         ``failed=False`` (the daemon stopped under it): the attempt is given back, so restarts
         (deploys, scale-down) never bury a healthy job, nor a live one that never ends."""
         log.warning("will be retried: %s", error)
-        values = {"state": JobState.QUEUED.value, "error": error}
+        values = {"state": JobState.QUEUED.value, "error": redact_text(error)}
         if not failed:
             values["attempts"] = run.attempt - 1
         self.writer.drop_progress(run.spec.id)
