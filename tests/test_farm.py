@@ -318,3 +318,45 @@ def test_a_job_waiting_for_a_worker_is_cancelled_at_once_and_an_unknown_model_is
     assert typo["state"] == "failed" and "unknown model 'GPEN-BFR-5l2'" in typo["error"], typo
     assert waiting["state"] == "cancelled" and took < 1.5, (waiting, took)
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
+
+
+def test_a_gpu_budget_is_the_smallest_total_its_live_holders_report(redis_server):
+    from workers.budget import GpuBudget
+
+    r = redis_server.client()
+    key = f"{unique_prefix()}:gpu:host:0"
+    old = GpuBudget(r, key, "a", total_mib=1000)
+    assert old.acquire(800)
+    old.release()
+    raised = GpuBudget(r, key, "b", total_mib=4000)  # the operator raised worker.memory_budget_mib
+    assert raised.acquire(2000)
+    lowered = GpuBudget(r, key, "c", total_mib=2500)  # another worker, told the device is smaller
+    assert not lowered.acquire(1000) and lowered.acquire(500)
+    assert not raised.acquire(2500)  # while c lives, its smaller figure holds for everyone
+    lowered.release()
+    assert raised.acquire(3500)
+    raised.release()
+
+
+def test_a_lapsed_lease_another_worker_took_is_given_up_and_reported(redis_server):
+    from workers.budget import GpuBudget
+
+    r = redis_server.client()
+    key = f"{unique_prefix()}:gpu:host:0"
+    a = GpuBudget(r, key, "a", total_mib=1000, ttl_s=1.0)
+    b = GpuBudget(r, key, "b", total_mib=1000, ttl_s=1.0)
+    told = []
+    a.on_lost = told.append
+    assert a.acquire(800)
+    a._stop.set()  # a's renewals stop (its Redis out of reach) for longer than the lease's TTL
+    time.sleep(1.5)
+    try:
+        assert b.acquire(800)
+        assert not a.renew()  # what a's renewing thread does when Redis is back
+        assert a.mib == 0 and a.lost.is_set() and told == [800]
+        assert leases(r, key) == {"b": 800}
+        b.release()
+        assert a.renew() and a.mib == 800 and not a.lost.is_set()  # it has it back once there is room
+    finally:
+        a.release()
+        b.release()
