@@ -478,6 +478,20 @@ def test_sigterm_restarts_do_not_count_as_failed_attempts(redis_server, roots):
     assert r.xlen(f"{prefix}:jobs:dead") == 0
 
 
+def test_a_config_feed_cancelled_once_does_not_expire_when_it_runs_again(redis_server, roots):
+    prefix = unique_prefix()
+    r = redis_server.client()
+    r.hset(f"{prefix}:job:door", mapping={"state": "cancelled", "entry": "config:door"})  # an earlier run's end
+    r.expire(f"{prefix}:job:door", 300)
+    feed = [{"id": "door", "input": "rtsp://127.0.0.1:9/cam", "output": str(roots / "out" / "door.mkv")}]
+    daemon = Daemon(redis_server, prefix, roots, env={"GPEN_STREAM_SERVE_STREAMS": json.dumps(feed)})
+    try:
+        assert _job(r, prefix, "door")["attempts"] == "1"  # started again
+        assert r.ttl(f"{prefix}:job:door") == -1  # and kept while it runs
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_serve_without_redis_says_so_in_one_line(roots):
     from tests.support.redis_server import free_port
 
