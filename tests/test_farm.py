@@ -134,8 +134,9 @@ def test_a_budget_that_holds_one_model_makes_the_second_worker_wait(redis_server
         [budget_key] = [k.decode() for k in r.keys(f"{prefix}:gpu:*")]
         held = sum(leases(r, budget_key).values())
         budget = int(held * 1.5)  # room for this worker, not for a second one like it
-        r.hset(budget_key, "total_mib", budget)
-        second = _worker(redis_server, prefix, tmp_path, model="GPEN-BFR-256", name="second", env=env)
+        # the second worker says the device is that small: the smallest total of the live holders applies
+        second = _worker(redis_server, prefix, tmp_path, model="GPEN-BFR-256", name="second",
+                         env={**env, "GPEN_STREAM_WORKER_MEMORY_BUDGET_MIB": str(budget)})
         deadline = time.monotonic() + 30
         while "waiting for" not in second.log_path.read_text():
             assert time.monotonic() < deadline, second.log_path.read_text()
