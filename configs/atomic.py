@@ -11,16 +11,36 @@ gives it the permissions a new file would have had, and renames it over the dest
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 PART_MARKER = ".part"  # every temporary file's name contains this
+ATTEMPT_MARK = "~"  # between a tag and an attempt number (job ids never hold it)
+
+
+def attempt_tag(tag: str, attempt: int) -> str:
+    """The tag of one attempt at writing ``tag``'s file: two attempts never share a temporary file."""
+    return f"{tag}{ATTEMPT_MARK}{attempt}"
+
+
+def tagged_parts(dest: str | Path, tag: str) -> list[Path]:
+    """The temporary files beside ``dest`` of writers tagged ``tag`` or ``attempt_tag(tag, n)``:
+    what attempts that crashed, or were taken over, left behind."""
+    dest = Path(dest)
+    name = re.compile(re.escape(f".{dest.stem}.{tag}") + f"(?:{re.escape(ATTEMPT_MARK)}[0-9]+)?"
+                      + re.escape(f"{PART_MARKER}{dest.suffix}"))
+    try:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return []
+    return [dest.parent / n for n in names if name.fullmatch(n)]
 
 
 class AtomicFile:
     """``tag``: a stable name for the temporary file instead of a random one (the daemon uses
-    the job id, so a job run again after a crash reuses, and so removes, the file the crashed
-    attempt left behind)."""
+    the job id and the attempt, ``attempt_tag``, and removes older attempts' files with
+    ``tagged_parts``)."""
 
     def __init__(self, dest: str | Path, *, tag: str | None = None):
         self.dest = Path(dest)

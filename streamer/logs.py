@@ -3,6 +3,11 @@
 Every line logged while a job runs carries its id (``job``): the daemon sets ``JOB`` in the
 job's thread, the pipeline's stage threads inherit it, and a filter copies it onto each record
 (``[job <id>]`` at the end of a text line, a ``job`` field in JSON).
+
+No line carries a credential: both formatters pass what they write, tracebacks included,
+through ``redact_text`` (a camera's ``rtsp://user:password@...``, a Redis URL's
+``?password=``, an SRT ``passphrase``), whichever module logged it and however (an
+exception's text often repeats the URL it failed on).
 """
 
 from __future__ import annotations
@@ -10,10 +15,41 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("job", default=None)
+
+SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "passphrase", "secret", "token"})  # in a URL's query
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact(url: str) -> str:
+    """``url`` without its secrets: the password of its user part and the values of the query
+    parameters in SECRET_PARAMS. Everything else as given (IPv6 brackets, port)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "rtsp://[::1": nothing of it past the scheme is shown
+        return f"{url.split(':', 1)[0]}://(a URL that cannot be parsed)"
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}" if at and ":" in userinfo else parts.netloc
+    query = "&".join(_hide_secret(item) for item in parts.query.split("&")) if parts.query else ""
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _hide_secret(item: str) -> str:
+    name, eq, _value = item.partition("=")
+    return f"{name}=***" if eq and name.lower() in SECRET_PARAMS else item
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted."""
+    return _URL.sub(lambda m: redact(m.group(0)), text) if "://" in text else text
+
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -25,7 +61,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and v is not None})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return redact_text(json.dumps(entry, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -33,7 +69,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = redact_text(super().format(record))
         job = getattr(record, "job", None)
         return f"{line} [job {job}]" if job else line
 

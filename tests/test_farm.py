@@ -134,8 +134,9 @@ def test_a_budget_that_holds_one_model_makes_the_second_worker_wait(redis_server
         [budget_key] = [k.decode() for k in r.keys(f"{prefix}:gpu:*")]
         held = sum(leases(r, budget_key).values())
         budget = int(held * 1.5)  # room for this worker, not for a second one like it
-        r.hset(budget_key, "total_mib", budget)
-        second = _worker(redis_server, prefix, tmp_path, model="GPEN-BFR-256", name="second", env=env)
+        # the second worker says the device is that small: the smallest total of the live holders applies
+        second = _worker(redis_server, prefix, tmp_path, model="GPEN-BFR-256", name="second",
+                         env={**env, "GPEN_STREAM_WORKER_MEMORY_BUDGET_MIB": str(budget)})
         deadline = time.monotonic() + 30
         while "waiting for" not in second.log_path.read_text():
             assert time.monotonic() < deadline, second.log_path.read_text()
@@ -315,3 +316,77 @@ def test_a_redis_that_stops_answering_never_holds_the_dispatch_thread():
         time.sleep(REFRESH_S)
     client.close()
     silent.close()
+
+
+def test_a_job_waiting_for_a_worker_is_cancelled_at_once_and_an_unknown_model_is_refused(redis_server, tmp_path):
+    import json
+
+    from tests.test_serve import Daemon, _wait_state
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    clip = make_clip(tmp_path / "in" / "q.mp4", frames=4, width=96, height=72, face_px=30, audio=False)
+    prefix = unique_prefix()
+    # no worker at all; a long claim_idle_s: taking the entry over again is not how the cancel is seen
+    daemon = Daemon(redis_server, prefix, tmp_path, extra=["--farm"], env={"GPEN_STREAM_SERVE_CLAIM_IDLE_S": "30"})
+    r = redis_server.client()
+    try:
+        for job_id, model in (("w", "identity"), ("typo", "GPEN-BFR-5l2")):
+            r.xadd(f"{prefix}:jobs", {"id": job_id, "input": str(clip.path), "output": str(tmp_path / "out" / "q.mp4"),
+                                      "model": model, "options": json.dumps({"faces": str(clip.faces_path)})})
+        typo = _wait_state(r, prefix, "typo", {"done", "failed"}, timeout=30)
+        deadline = time.monotonic() + 30
+        while b"no registered worker serves identity" not in (r.hget(f"{prefix}:job:w", "error") or b""):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        asked = time.monotonic()
+        r.hset(f"{prefix}:job:w", "cancel", "1")
+        waiting = _wait_state(r, prefix, "w", {"cancelled", "done", "failed"}, timeout=10)
+        took = time.monotonic() - asked
+    finally:
+        assert daemon.stop() == 0
+    assert typo["state"] == "failed" and "unknown model 'GPEN-BFR-5l2'" in typo["error"], typo
+    assert waiting["state"] == "cancelled" and took < 1.5, (waiting, took)
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
+
+
+def test_a_gpu_budget_is_the_smallest_total_its_live_holders_report(redis_server):
+    from workers.budget import GpuBudget
+
+    r = redis_server.client()
+    key = f"{unique_prefix()}:gpu:host:0"
+    old = GpuBudget(r, key, "a", total_mib=1000)
+    assert old.acquire(800)
+    old.release()
+    raised = GpuBudget(r, key, "b", total_mib=4000)  # the operator raised worker.memory_budget_mib
+    assert raised.acquire(2000)
+    lowered = GpuBudget(r, key, "c", total_mib=2500)  # another worker, told the device is smaller
+    assert not lowered.acquire(1000) and lowered.acquire(500)
+    assert not raised.acquire(2500)  # while c lives, its smaller figure holds for everyone
+    lowered.release()
+    assert raised.acquire(3500)
+    raised.release()
+
+
+def test_a_lapsed_lease_another_worker_took_is_given_up_and_reported(redis_server):
+    from workers.budget import GpuBudget
+
+    r = redis_server.client()
+    key = f"{unique_prefix()}:gpu:host:0"
+    a = GpuBudget(r, key, "a", total_mib=1000, ttl_s=1.0)
+    b = GpuBudget(r, key, "b", total_mib=1000, ttl_s=1.0)
+    told = []
+    a.on_lost = told.append
+    assert a.acquire(800)
+    a._stop.set()  # a's renewals stop (its Redis out of reach) for longer than the lease's TTL
+    time.sleep(1.5)
+    try:
+        assert b.acquire(800)
+        assert not a.renew()  # what a's renewing thread does when Redis is back
+        assert a.mib == 0 and a.lost.is_set() and told == [800]
+        assert leases(r, key) == {"b": 800}
+        b.release()
+        assert a.renew() and a.mib == 800 and not a.lost.is_set()  # it has it back once there is room
+    finally:
+        a.release()
+        b.release()

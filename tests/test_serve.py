@@ -159,6 +159,92 @@ def test_fifty_jobs_on_two_daemons_each_run_exactly_once(redis_server, roots):
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
 
 
+def test_a_job_ended_without_running_removes_what_a_crashed_attempt_left(redis_server, roots):
+    clip = make_clip(roots / "in" / "long.mp4", frames=150, audio=False)
+    prefix = unique_prefix()
+    first = Daemon(redis_server, prefix, roots, name="first", extra=["--concurrency", "2"])
+    r = redis_server.client()
+    for job_id in ("cancelled", "buried"):
+        r.xadd(f"{prefix}:jobs", {"id": job_id, "input": str(clip.path), "output": str(roots / "out" / f"{job_id}.mp4"),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+    deadline = time.monotonic() + 60
+    while min(float(_job(r, prefix, j).get("progress") or 0) for j in ("cancelled", "buried")) < 0.1:
+        assert time.monotonic() < deadline, first.text()
+        time.sleep(0.05)
+    first.stop(signal.SIGKILL)
+    assert len(_leftovers(roots / "out")) == 2  # each crashed attempt's half-written file
+    r.hset(f"{prefix}:job:cancelled", "cancel", "1")  # the user gives up on it
+    second = Daemon(redis_server, prefix, roots, name="second", env={"GPEN_STREAM_SERVE_MAX_ATTEMPTS": "1"})
+    try:
+        cancelled = _wait_state(r, prefix, "cancelled", {"cancelled", "done", "failed"}, timeout=60)
+        buried = _wait_state(r, prefix, "buried", {"cancelled", "done", "failed"}, timeout=60)
+    finally:
+        assert second.stop() == 0
+    assert cancelled["state"] == "cancelled" and buried["state"] == "failed" and "gave up" in buried["error"]
+    assert list((roots / "out").iterdir()) == []  # neither ran again, and nothing is left behind
+
+
+def test_a_daemon_that_stalls_and_loses_its_job_stops_instead_of_running_it_twice(redis_server, roots):
+    clip = make_clip(roots / "in" / "v.mp4", frames=600, audio=False)
+    prefix = unique_prefix()
+    out = roots / "out" / "v.mp4"
+    a = Daemon(redis_server, prefix, roots, name="a")
+    b = Daemon(redis_server, prefix, roots, name="b")
+    r = redis_server.client()
+    try:
+        b.proc.send_signal(signal.SIGSTOP)  # a takes the job
+        r.xadd(f"{prefix}:jobs", {"id": "v", "input": str(clip.path), "output": str(out),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        deadline = time.monotonic() + 60
+        while float(_job(r, prefix, "v").get("progress") or 0) < 0.1:
+            assert time.monotonic() < deadline, a.text()
+            time.sleep(0.05)
+        a.proc.send_signal(signal.SIGSTOP)  # a stalls (a VM pause, a swap storm) past claim_idle_s
+        b.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while not (_job(r, prefix, "v").get("attempts") == "2" and float(_job(r, prefix, "v")["progress"] or 0) > 0.05):
+            assert time.monotonic() < deadline, b.text()
+            time.sleep(0.05)
+        b_id = _job(r, prefix, "v")["daemon"]
+        a.proc.send_signal(signal.SIGCONT)
+        time.sleep(3)  # a's housekeeping runs again
+        assert _job(r, prefix, "v")["state"] == "running", "the job ended too soon to see a and b side by side"
+        owners = [p["consumer"].decode() for p in r.xpending_range(f"{prefix}:jobs", prefix, "-", "+", 5)]
+        assert owners == [b_id]  # a did not steal it back
+        job = _wait_state(r, prefix, "v", {"done", "failed"}, timeout=120)
+        time.sleep(3)  # what a would still write
+        job = _job(r, prefix, "v")
+    finally:
+        for d in (a, b):
+            d.proc.send_signal(signal.SIGCONT)
+            assert d.stop() == 0
+    states = [e["state"] for e in _events(r, prefix, "v") if "state" in e]
+    assert job["state"] == "done" and job["attempts"] == "2" and states[-1] == "done", (job, states)
+    assert states.count("done") == 1 and "queued" not in states[states.index("done"):], states
+    assert "done:" not in a.text() and "done:" in b.text()  # only b finished the work
+    assert "taken over by another daemon" in a.text() or "no longer this run's" in a.text(), a.text()
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
+    assert len(read_frames(out)[0]) == 600 and sorted(p.name for p in (roots / "out").iterdir()) == ["v.mp4"]
+
+
+def test_a_stale_entry_behind_many_live_ones_is_taken_over(redis_server):
+    from configs.keys import Keys
+    from streamer.serve.queue import JobQueue
+
+    r, keys = redis_server.client(), Keys(unique_prefix())
+    alive, dead, new = (JobQueue(r, keys, name) for name in ("alive", "dead", "new"))
+    alive.ensure_group()
+    for i in range(41):
+        r.xadd(keys.jobs, {"id": f"j{i}", "input": "/in/a.mp4", "output": f"/out/{i}.mp4"})
+    held = [entry for entry, _ in alive.read(40, block_ms=100)]  # long jobs on a living daemon
+    [(lost, _)] = dead.read(1, block_ms=100)  # the job of a daemon that was killed
+    time.sleep(1.2)
+    assert alive.touch(held) == []  # the living daemon's housekeeping
+    taken = new.claim_stale(1, min_idle_s=1.0)  # one free slot: XAUTOCLAIM looks at 10 entries a call
+    assert [entry for entry, _ in taken] == [lost]
+    assert {p["consumer"] for p in r.xpending_range(keys.jobs, keys.group, "-", "+", 50)} == {b"alive", b"new"}
+
+
 def test_a_job_survives_a_redis_restart(redis_server, roots):
     clip = make_clip(roots / "in" / "r.mp4", frames=120, audio=False)
     prefix = unique_prefix()
@@ -176,6 +262,57 @@ def test_a_job_survives_a_redis_restart(redis_server, roots):
     finally:
         assert daemon.stop() == 0
     assert job["state"] == "done" and len(read_frames(roots / "out" / "r.mp4")[0]) == 120
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
+
+
+def test_redis_refusing_writes_for_a_while_delays_the_state_but_the_job_finishes(redis_server, roots):
+    clip = make_clip(roots / "in" / "m.mp4", frames=60, audio=False)
+    out = roots / "out" / "m.mp4"
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots)
+    r = redis_server.client()
+    try:
+        r.xadd(f"{prefix}:jobs", {"id": "m", "input": str(clip.path), "output": str(out),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        _wait_state(r, prefix, "m", {"running"})
+        r.config_set("maxmemory", 1)  # every write is refused: "OOM command not allowed"
+        try:
+            deadline = time.monotonic() + 60
+            while not out.exists():  # the job finishes while Redis refuses its final write
+                assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+                time.sleep(0.1)
+            time.sleep(2)  # the housekeeping writes and the final write meet the refusal
+            assert daemon.proc.poll() is None, daemon.text()
+            assert _job(r, prefix, "m")["state"] == "running"
+        finally:
+            r.config_set("maxmemory", 0)
+        job = _wait_state(r, prefix, "m", {"done", "failed", "queued"}, timeout=30)
+    finally:
+        assert daemon.stop() == 0
+    assert job["state"] == "done" and job["attempts"] == "1", job
+    assert "OutOfMemoryError" in daemon.text() or "maxmemory" in daemon.text()
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0 and not _leftovers(roots / "out")
+
+
+def test_a_redis_error_as_a_job_starts_leaves_no_phantom_run_behind(redis_server, roots):
+    clip = make_clip(roots / "in" / "s.mp4", frames=3, width=96, height=72, face_px=30, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots, extra=["--concurrency", "1"])
+    r = redis_server.client()
+    r.set(f"{prefix}:events", "not a stream")  # the "running" write's event is refused: WRONGTYPE
+    try:
+        for job_id in ("a", "b"):
+            r.xadd(f"{prefix}:jobs", {"id": job_id, "input": str(clip.path), "output": str(roots / "out" / f"{job_id}.mp4"),
+                                      "options": json.dumps({"faces": str(clip.faces_path)})})
+        deadline = time.monotonic() + 30
+        while "WRONGTYPE" not in daemon.text():
+            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+            time.sleep(0.1)
+        r.delete(f"{prefix}:events")  # Redis takes writes again
+        jobs = [_wait_state(r, prefix, job_id, {"done", "failed"}, timeout=60) for job_id in ("a", "b")]
+    finally:
+        assert daemon.stop() == 0
+    assert [job["state"] for job in jobs] == ["done", "done"], jobs
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
 
 
@@ -228,9 +365,14 @@ def test_bad_jobs_fail_with_a_clear_reason_and_the_daemon_keeps_serving(redis_se
                             "'workers' is a process setting"),
         "bad-json": ({"input": ok_in, "output": f"{out}/x.mp4", "options": "{crf: 3"}, "not valid JSON"),
         "bad-field": ({"input": ok_in, "output": f"{out}/x.mp4", "priority": "high"}, "unknown field(s) priority"),
+        # entries that made the parser itself raise (urlsplit's ValueError, json's RecursionError)
+        "bad-ipv6-url": ({"input": "rtsp://[::1", "output": f"{out}/x.mp4"}, "input is not a valid URL"),
+        "bad-output-url": ({"input": "rtsp://127.0.0.1:9/cam", "output": "http://[x"}, "output is not a valid URL"),
+        "deep-json": ({"input": ok_in, "output": f"{out}/x.mp4", "options": "[" * 100000},
+                      "options is not usable JSON"),
     }
     prefix = unique_prefix()
-    daemon = Daemon(redis_server, prefix, roots)
+    daemon = Daemon(redis_server, prefix, roots, env={"GPEN_STREAM_SERVE_LIVE_SOURCES": '["rtsp://127.0.0.1"]'})
     r = redis_server.client()
     try:
         for job_id, (fields, _) in bad.items():
@@ -246,6 +388,27 @@ def test_bad_jobs_fail_with_a_clear_reason_and_the_daemon_keeps_serving(redis_se
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0  # each acknowledged once
     assert "Traceback" not in daemon.text()
     assert sorted(p.name for p in (roots / "out").iterdir()) == ["fine.mp4"]
+
+
+def test_an_entry_that_breaks_the_parser_fails_its_job_and_the_daemon_keeps_serving(redis_server, roots):
+    clip = make_clip(roots / "in" / "ok.mp4", frames=3, width=96, height=72, face_px=30, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots, extra=["--concurrency", "1"])
+    r = redis_server.client()
+    try:
+        # a lone surrogate in a path: no check foresaw it, the file system refuses to encode it
+        r.xadd(f"{prefix}:jobs", {"id": "poison", "input": str(clip.path), "output": str(roots / "out" / "x.mp4"),
+                                  "options": '{"faces": "%s/\\ud800.jsonl"}' % (roots / "in")})
+        r.xadd(f"{prefix}:jobs", {"id": "fine", "input": str(clip.path), "output": str(roots / "out" / "fine.mp4"),
+                                  "options": json.dumps({"faces": str(clip.faces_path)})})
+        poison = _wait_state(r, prefix, "poison", {"done", "failed"}, timeout=30)
+        fine = _wait_state(r, prefix, "fine", {"done", "failed"}, timeout=60)
+        assert daemon.proc.poll() is None, daemon.text()
+    finally:
+        assert daemon.stop() == 0
+    assert poison["state"] == "failed" and "could not be read: UnicodeEncodeError" in poison["error"], poison
+    assert fine["state"] == "done"
+    assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
 
 
 def test_a_job_that_fails_every_attempt_ends_in_the_dead_letter_stream(redis_server, roots, tmp_path):
@@ -293,6 +456,42 @@ def test_sigterm_past_the_drain_time_leaves_the_job_pending_for_another_daemon(r
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 1 and not list((roots / "out").iterdir())
 
 
+def test_sigterm_restarts_do_not_count_as_failed_attempts(redis_server, roots):
+    clip = make_clip(roots / "in" / "g.mp4", frames=300, audio=False)
+    prefix = unique_prefix()
+    env = {"GPEN_STREAM_SERVE_DRAIN_S": "0.5", "GPEN_STREAM_SERVE_MAX_ATTEMPTS": "2"}
+    r = redis_server.client()
+    r.xadd(f"{prefix}:jobs", {"id": "g", "input": str(clip.path), "output": str(roots / "out" / "g.mp4"),
+                              "options": json.dumps({"faces": str(clip.faces_path)})})
+    for restart in range(2):  # two rolling restarts, each in the middle of the job
+        daemon = Daemon(redis_server, prefix, roots, name=f"d{restart}", env=env)
+        _wait_state(r, prefix, "g", {"running"})
+        assert daemon.stop(signal.SIGTERM) == 0
+        job = _job(r, prefix, "g")
+        assert job["state"] == "queued" and job["attempts"] == "0", job
+    last = Daemon(redis_server, prefix, roots, name="last", env={"GPEN_STREAM_SERVE_MAX_ATTEMPTS": "2"})
+    try:
+        job = _wait_state(r, prefix, "g", {"done", "failed"}, timeout=120)
+    finally:
+        assert last.stop() == 0
+    assert job["state"] == "done" and job["attempts"] == "1", job
+    assert r.xlen(f"{prefix}:jobs:dead") == 0
+
+
+def test_a_config_feed_cancelled_once_does_not_expire_when_it_runs_again(redis_server, roots):
+    prefix = unique_prefix()
+    r = redis_server.client()
+    r.hset(f"{prefix}:job:door", mapping={"state": "cancelled", "entry": "config:door"})  # an earlier run's end
+    r.expire(f"{prefix}:job:door", 300)
+    feed = [{"id": "door", "input": "rtsp://127.0.0.1:9/cam", "output": str(roots / "out" / "door.mkv")}]
+    daemon = Daemon(redis_server, prefix, roots, env={"GPEN_STREAM_SERVE_STREAMS": json.dumps(feed)})
+    try:
+        assert _job(r, prefix, "door")["attempts"] == "1"  # started again
+        assert r.ttl(f"{prefix}:job:door") == -1  # and kept while it runs
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_serve_without_redis_says_so_in_one_line(roots):
     from tests.support.redis_server import free_port
 
@@ -322,6 +521,41 @@ def test_clients_submit_follow_and_list_jobs(redis_server, roots):
         assert daemon.stop() == 0
 
 
+def test_watch_sees_a_job_end_between_its_reads_while_other_jobs_are_busy(redis_server):
+    import threading
+
+    from streamer.serve.client import RECHECK_S, Client
+
+    prefix = unique_prefix()
+    r = redis_server.client()
+    client = Client(redis_server.url, prefix)
+    stop = threading.Event()
+
+    def busy():  # another job's progress: the events never go quiet
+        while not stop.is_set():
+            r.xadd(f"{prefix}:events", {"id": "other", "progress": "0.5"})
+            stop.wait(0.3)
+
+    threading.Thread(target=busy, daemon=True).start()
+    try:
+        r.hset(f"{prefix}:job:mine", mapping={"state": "running", "progress": "0.99"})
+        watching = client.watch("mine", timeout_s=15)
+        assert next(watching)["state"] == "running"
+        r.hset(f"{prefix}:job:mine", "state", "done")  # it ends now, before watch reads the events
+        r.xadd(f"{prefix}:events", {"id": "mine", "state": "done"})
+        started = time.monotonic()
+        assert [e.get("state") for e in watching] == ["done"] and time.monotonic() - started < 3
+
+        r.hset(f"{prefix}:job:trimmed", mapping={"state": "running"})
+        watching = client.watch("trimmed", timeout_s=15)
+        next(watching)
+        r.hset(f"{prefix}:job:trimmed", "state", "failed")  # its event lost (trimmed, a capped stream)
+        started = time.monotonic()
+        assert [e.get("state") for e in watching] == ["failed"] and time.monotonic() - started < RECHECK_S + 2
+    finally:
+        stop.set()
+
+
 def test_redis_urls_with_a_password_work_and_are_never_logged(tmp_path, roots):
     from tests.support.redis_server import RedisServer
 
@@ -340,6 +574,49 @@ def test_redis_urls_with_a_password_work_and_are_never_logged(tmp_path, roots):
             redis.Redis(port=server.port).ping()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:pw@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+    ("redis://127.0.0.1:6379/0?password=pw&db=1", "redis://127.0.0.1:6379/0?password=***&db=1"),
+    ("rediss://user:pw@[::1]:6380/2", "rediss://user:***@[::1]:6380/2"),
+    ("srt://cam:9000?passphrase=pw&latency=20", "srt://cam:9000?passphrase=***&latency=20"),
+    ("rtsp://[::1", "rtsp://(a URL that cannot be parsed)"),
+    ("/media/out/a.mp4", "/media/out/a.mp4"),
+])
+def test_redact_hides_passwords_and_keeps_the_rest_of_the_url(url, shown):
+    from streamer.logs import redact, redact_text
+
+    assert redact(url) == shown
+    assert redact_text(f"cannot open '{url}': refused") == f"cannot open '{shown}': refused"
+
+
+def test_credentials_in_urls_never_reach_the_daemon_log(tmp_path, roots):
+    from types import SimpleNamespace
+
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "auth", password="s3cret-pw").start()
+    try:
+        by_query = SimpleNamespace(url=f"redis://127.0.0.1:{server.port}/0?password=s3cret-pw", client=server.client)
+        prefix = unique_prefix()
+        daemon = Daemon(by_query, prefix, roots, env={"GPEN_STREAM_SERVE_LIVE_SOURCES": '["rtsp://127.0.0.1"]'})
+        r = server.client()
+        r.xadd(f"{prefix}:jobs", {"id": "cam", "input": "rtsp://admin:cam-s3cret@127.0.0.1:9/stream",
+                                  "output": "rtsp://pub:out-s3cret@127.0.0.1:9/out"})
+        deadline = time.monotonic() + 30
+        while "running rtsp://" not in daemon.text():
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.1)
+        time.sleep(2)  # the camera refuses: what the live source logs about it
+        r.hset(f"{prefix}:job:cam", "cancel", "1")
+        job = _wait_state(r, prefix, "cam", {"cancelled", "failed"}, timeout=30)
+        assert daemon.stop() == 0
+    finally:
+        server.stop()
+    for secret in ("s3cret-pw", "cam-s3cret", "out-s3cret"):
+        assert secret not in daemon.text() and secret not in job.get("error", ""), secret
+    assert "password=***" in daemon.text() and "rtsp://admin:***@127.0.0.1:9/stream" in daemon.text()
 
 
 def test_a_stream_job_runs_live_with_its_figures_in_the_hash_until_cancelled(redis_server, roots,

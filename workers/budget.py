@@ -14,8 +14,10 @@ GPU, its CUDA graphs' pool as its "weights", its batch's working memory measured
 
 A lease is one field of the GPU's hash ``<prefix>:gpu:<host>:<index>``:
 
-    total_mib           the budget (torch.cuda.mem_get_info's total, or worker.memory_budget_mib)
+    total_mib           the budget that applies now: the smallest total a live holder reported
     lease:<holder>      "<mib>:<expires, ms since the epoch>"
+    total:<holder>      the total that holder reported (torch.cuda.mem_get_info's, or
+                        worker.memory_budget_mib), gone with its lease
 
 taken, renewed and released by Lua scripts (atomic: check what is free and reserve, or refuse).
 Holders renew on every heartbeat; a lease whose holder died expires and is reclaimed by the
@@ -39,35 +41,39 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 LEASE_TTL_S = 10.0
 
-# KEYS[1] the GPU hash. ARGV: holder, MiB wanted, ttl ms, total MiB (used if the hash has none).
+# KEYS[1] the GPU hash. ARGV: holder, MiB wanted, ttl ms, the holder's total MiB.
 # Returns {1, free after} when reserved, {0, free now} when refused. Expired leases are removed.
+# The budget is the smallest total reported by the live holders and this one: a changed
+# worker.memory_budget_mib (or other hardware under a host name) counts from the next acquire,
+# and workers that disagree about one device never over-commit it.
 ACQUIRE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('HEXISTS', KEYS[1], 'total_mib') == 0 then
-  redis.call('HSET', KEYS[1], 'total_mib', ARGV[4])
-end
-local total = tonumber(redis.call('HGET', KEYS[1], 'total_mib'))
+local total = tonumber(ARGV[4])
 local mine = 'lease:' .. ARGV[1]
 local used = 0
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
   local name, value = fields[i], fields[i + 1]
   if string.sub(name, 1, 6) == 'lease:' then
+    local holder = string.sub(name, 7)
     local sep = string.find(value, ':')
     local mib, expires = tonumber(string.sub(value, 1, sep - 1)), tonumber(string.sub(value, sep + 1))
     if expires < now then
-      redis.call('HDEL', KEYS[1], name)
+      redis.call('HDEL', KEYS[1], name, 'total:' .. holder)
     elseif name ~= mine then
       used = used + mib
+      local theirs = tonumber(redis.call('HGET', KEYS[1], 'total:' .. holder))
+      if theirs and theirs < total then total = theirs end
     end
   end
 end
+redis.call('HSET', KEYS[1], 'total_mib', total)
 local want = tonumber(ARGV[2])
 if used + want > total then
   return {0, total - used}
 end
-redis.call('HSET', KEYS[1], mine, ARGV[2] .. ':' .. (now + tonumber(ARGV[3])))
+redis.call('HSET', KEYS[1], mine, ARGV[2] .. ':' .. (now + tonumber(ARGV[3])), 'total:' .. ARGV[1], ARGV[4])
 return {1, total - used - want}
 """
 
@@ -79,7 +85,7 @@ local value = redis.call('HGET', KEYS[1], 'lease:' .. ARGV[1])
 if not value then return 0 end
 local sep = string.find(value, ':')
 if tonumber(string.sub(value, sep + 1)) < now then
-  redis.call('HDEL', KEYS[1], 'lease:' .. ARGV[1])
+  redis.call('HDEL', KEYS[1], 'lease:' .. ARGV[1], 'total:' .. ARGV[1])
   return 0
 end
 redis.call('HSET', KEYS[1], 'lease:' .. ARGV[1], string.sub(value, 1, sep - 1) .. ':' .. (now + tonumber(ARGV[2])))
@@ -244,7 +250,12 @@ def device_total_mib(device: torch.device, configured_mib: int) -> int:
 
 class GpuBudget:
     """One holder's lease on one device's budget, renewed by a thread of its own from the
-    first grant until ``release`` (loading a large model can outlast the lease's TTL)."""
+    first grant until ``release`` (loading a large model can outlast the lease's TTL).
+
+    A lease that lapsed (Redis out of reach for longer than the TTL) is taken again; if
+    another holder took the memory meanwhile, ``mib`` drops to 0 (the registry says so),
+    ``lost`` is set and ``on_lost(mib)`` called, so that the holder can unload or shrink and
+    wait; the renewing thread keeps asking for what it held until it has it back."""
 
     def __init__(self, redis, key: str, holder: str, total_mib: int, ttl_s: float = LEASE_TTL_S):
         self.redis, self.key, self.holder = redis, key, holder
@@ -252,6 +263,9 @@ class GpuBudget:
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._renew = redis.register_script(RENEW_LUA)
         self.mib = 0  # what we hold now
+        self.wanted = 0  # what we should hold (what we held before a lapse)
+        self.lost = threading.Event()  # set while a lapsed lease could not be taken again
+        self.on_lost = None  # called with the MiB lost, when that happens
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -259,7 +273,8 @@ class GpuBudget:
         """Hold ``mib`` (replacing what we held); False if the device cannot spare it."""
         ok, free = self._acquire(keys=[self.key], args=[self.holder, int(mib), self.ttl_ms, self.total_mib])
         if ok:
-            self.mib = int(mib)
+            self.mib = self.wanted = int(mib)
+            self.lost.clear()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._keep, name="memory-lease", daemon=True)
                 self._thread.start()
@@ -275,18 +290,29 @@ class GpuBudget:
                 log.warning("could not renew the memory lease on %s: %s", self.key, exc)
 
     def renew(self) -> bool:
-        """Extend the lease; False if it was lost (then acquire again)."""
-        if not self.mib:
+        """Extend the lease; if it lapsed, take it again. False when that failed: then we hold
+        nothing (see the class docstring)."""
+        if not self.wanted:
             return True
-        renewed = bool(self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]))
-        if not renewed:
+        if self.mib and self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]):
+            return True
+        if self.mib:
             log.warning("memory lease on %s expired; taking it again", self.key)
-            renewed = self.acquire(self.mib)
-        return renewed
+        if self.acquire(self.wanted):
+            return True
+        if not self.lost.is_set():
+            held, self.mib = self.mib, 0
+            log.error("memory lease on %s lapsed and other holders took the memory: %d MiB no longer held",
+                      self.key, held)
+            self.lost.set()
+            if self.on_lost is not None:
+                self.on_lost(held)
+        return False
 
     def release(self) -> None:
         self._stop.set()
-        self.redis.hdel(self.key, f"lease:{self.holder}")
+        self.wanted = 0
+        self.redis.hdel(self.key, f"lease:{self.holder}", f"total:{self.holder}")
         self.mib = 0
 
 

@@ -21,6 +21,8 @@ from streamer.serve.connection import connect
 from configs.keys import Keys
 from streamer.serve.state import FINISHED, text
 
+RECHECK_S = 5.0  # watch reads the job's hash at least this often, however busy the events are
+
 
 class Client:
     def __init__(self, url: str, prefix: str = "gpen", *, redis=None):
@@ -48,14 +50,18 @@ class Client:
         self.redis.hset(self.keys.job(job_id), "cancel", "1")
 
     def watch(self, job_id: str, *, timeout_s: float | None = None) -> Iterator[dict[str, str]]:
-        """The job's events as they come (the current state first), until it finishes."""
+        """The job's events as they come (the current state first), until it finishes. Events
+        are read from the last one there before the state was read (never from "$", which
+        would miss one written in between), and the state is read again when the events are
+        quiet and every ``RECHECK_S`` (an event trimmed away cannot hang us)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last = "$"
+        last = self._last_event()
         current = self.status(job_id)
         if current:
             yield current
             if current.get("state") in FINISHED:
                 return
+        checked = time.monotonic()
         while deadline is None or time.monotonic() < deadline:
             reply = self.redis.xread({self.keys.events: last}, block=1000, count=100)
             for _stream, entries in reply or []:
@@ -66,11 +72,17 @@ class Client:
                         yield event
                         if event.get("state") in FINISHED:
                             return
-            if not reply:  # quiet: the job may have finished between our reads
-                state = self.status(job_id).get("state")
-                if state in FINISHED:
-                    yield self.status(job_id)
+            if not reply or time.monotonic() - checked >= RECHECK_S:
+                checked = time.monotonic()
+                status = self.status(job_id)
+                if status.get("state") in FINISHED:
+                    yield status
                     return
+
+    def _last_event(self) -> str:
+        """The id of the newest event now ("0-0" if there is none)."""
+        newest = self.redis.xrevrange(self.keys.events, count=1)
+        return text(newest[0][0]) if newest else "0-0"
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> dict[str, str]:
         """Block until the job finishes; its final hash."""

@@ -4,27 +4,36 @@ purpose: the client commands import only this."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis as redis_lib
 
 from configs.errors import TransientError
+from streamer.logs import redact  # noqa: F401  (imported from here by the serve and stream modules)
 
 REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError)
+# Error replies that say Redis cannot take the command for now (out of memory at maxmemory, a
+# replica just after a failover, a failed snapshot, loading its data, busy with a script): they
+# pass, so they are retried like a lost connection, never taken as the answer.
+TRANSIENT_REPLIES = ("OOM", "READONLY", "MISCONF", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN",
+                     "NOREPLICAS")
 
 
 class RedisUnavailable(TransientError):
     """Redis cannot be reached."""
 
 
-def redact(url: str) -> str:
-    """The URL without its password (credentials are never logged)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis is away or refusing for now (retry later), not that the
+    command itself is wrong."""
+    if isinstance(exc, REDIS_ERRORS):
+        return True
+    if not isinstance(exc, redis_lib.ResponseError):
+        return False
+    code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+    return code in TRANSIENT_REPLIES or isinstance(exc, (redis_lib.exceptions.OutOfMemoryError,
+                                                         redis_lib.exceptions.ReadOnlyError,
+                                                         redis_lib.exceptions.BusyLoadingError))
 
 
 def connect(url: str):

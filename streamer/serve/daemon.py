@@ -29,20 +29,23 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis as redis_lib
 
 from configs import JobOptions, LiveSettings, ServeSettings, load_settings
+from configs.atomic import attempt_tag, tagged_parts
 from configs.errors import Cancelled, GpenStreamError
 from streamer import logs
+from streamer.logs import redact_text
 from streamer.engine import Engine
 from streamer.jobs.live import LiveStream, run_live
 from streamer.jobs.restore import restore_file
 from streamer.pipeline import Progress
-from streamer.serve.connection import REDIS_ERRORS, connect, redact
+from streamer.serve.connection import REDIS_ERRORS, connect, redact, transient
 from configs.keys import Keys
 from streamer.serve.queue import JobQueue
-from streamer.serve.spec import JobRejected, JobSpec, decode_fields, job_id_of, parse_job
+from streamer.serve.spec import JobRejected, JobSpec, decode_fields, job_id_of, parse_job, resolve_under
 from streamer.serve.state import FINISHED, JobState, JobStore, utc_now
 from workers import metrics
 
@@ -109,15 +112,15 @@ class RedisWriter:
                     job_id, op = next(iter(self._progress.items()))
             try:
                 op()
-            except REDIS_ERRORS as exc:
-                if self.down_since is None:
-                    self.down_since = time.monotonic()
-                    log.warning("Redis unreachable (%s); state updates wait for it", exc)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            except Exception:  # a bad write must not stop the others
-                log.exception("a Redis update failed")
+            except Exception as exc:
+                if transient(exc):  # away, or refusing writes for now (OOM, READONLY, ...): wait for it
+                    if self.down_since is None:
+                        self.down_since = time.monotonic()
+                        log.warning("Redis unreachable or refusing writes (%s); state updates wait for it", exc)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                log.exception("a Redis update failed")  # a bad write must not stop the others
             if self.down_since is not None:
                 log.info("Redis is back after %.0f s", time.monotonic() - self.down_since)
                 self.down_since = None
@@ -130,12 +133,25 @@ class RedisWriter:
 
 
 @dataclass
+class _Waiting:
+    """A job taken from the queue that no registered worker serves yet: kept claimed by this
+    daemon, started as soon as one does, cancelled at once if asked."""
+
+    job_id: str
+    raw: dict
+    model: str
+    output: str | None
+
+
+@dataclass
 class _Running:
     spec: JobSpec
     fields: dict
     from_config: bool = False  # a stream of serve.streams: no queue entry behind it
+    attempt: int = 1  # the job's attempts count with this run
     cancel: threading.Event = field(default_factory=threading.Event)
     user_cancelled: bool = False
+    lost: bool = False  # another daemon took the entry over: this run writes nothing more
     started: float = field(default_factory=time.monotonic)
     last_progress: float = 0.0
     thread: threading.Thread | None = None
@@ -154,6 +170,8 @@ class Daemon:
         self.queue = JobQueue(self.redis, self.keys, self.id)
         self.writer = RedisWriter()
         self.running: dict[str, _Running] = {}  # by entry id
+        self.finishing: set[str] = set()  # entries of finished jobs whose final write waits in the writer
+        self.waiting: dict[str, _Waiting] = {}  # by entry id: jobs no registered worker serves yet (--farm)
         self._lock = threading.Lock()
         self.draining = False
         self.redis_ok = True
@@ -164,14 +182,17 @@ class Daemon:
 
     def serve(self, stop: threading.Event) -> None:
         """Until ``stop`` is set; then drain (see the module docstring) and return."""
-        self.queue.ensure_group()
         log.info("daemon %s serving %s on %s (concurrency %d)", self.id, self.keys.jobs, redact(self.settings.redis),
                  self.settings.concurrency)
         self._start_config_streams()
         last_housekeeping = 0.0
         backoff = 0.5
+        need_group = True
         while not stop.is_set():
             try:
+                if need_group:
+                    self.queue.ensure_group()
+                    need_group = False
                 now = time.monotonic()
                 if now - last_housekeeping >= LOOP_S:
                     last_housekeeping = now
@@ -186,47 +207,69 @@ class Daemon:
                     self._slot_freed.clear()
                 self._set_redis_ok(True)
                 backoff = 0.5
-            except REDIS_ERRORS as exc:
+            except (*REDIS_ERRORS, redis_lib.ResponseError) as exc:
+                if "NOGROUP" in str(exc):  # Redis restarted without its data: start again
+                    log.warning("the consumer group is gone (Redis lost its data?); creating it again")
+                    need_group = True
+                    continue
+                # away, or refusing (OOM, READONLY, MISCONF, ...): the running jobs go on; retry
                 self._set_redis_ok(False, exc)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-            except redis_lib.ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis restarted without its data: start again
-                    log.warning("the consumer group is gone (Redis lost its data?); creating it again")
-                    self._retry(self.queue.ensure_group)
-                else:
-                    raise
+            except Exception:  # a bug must not stop the jobs running here
+                log.exception("unexpected error in the daemon loop; going on")
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
         self._drain()
 
     def _set_redis_ok(self, ok: bool, exc: Exception | None = None) -> None:
         if ok and not self.redis_ok:
             log.info("Redis is reachable again")
         elif not ok and self.redis_ok:
-            log.warning("Redis unreachable (%s); running jobs go on, retrying", exc)
+            log.warning("Redis unreachable or refusing commands (%s); running jobs go on, retrying", exc)
         self.redis_ok = ok
-
-    def _retry(self, fn) -> None:
-        while True:
-            try:
-                return fn()
-            except REDIS_ERRORS:
-                time.sleep(1.0)
 
     def _housekeeping(self) -> None:
         with self._lock:
             entries = [entry for entry, run in self.running.items() if not run.from_config]
-        self.queue.touch(entries)  # our running jobs are not stale, however long they take
+            entries += sorted(self.finishing)  # done here: not to be run again while Redis takes the news
+        entries += list(self.waiting)
+        for entry in self.queue.touch(entries):  # our running jobs are not stale, however long they take
+            self._lost(entry)
+        self._start_waiting()
         self.redis.hset(self.keys.daemon(self.id), mapping={"running": len(entries), "updated": utc_now()})
         self.redis.expire(self.keys.daemon(self.id), DAEMON_TTL_S)
         free = self.settings.concurrency - self._busy()
         if free > 0:
             for entry, fields in self.queue.claim_stale(free, self.settings.claim_idle_s):
-                if entry not in self.running:
+                if entry not in self.running and entry not in self.finishing:
                     log.info("taking over job entry %s (its daemon stopped refreshing it)", entry)
                     self._take(entry, fields)
         counts = self.queue.counts()
         for name, value in counts.items():
             metrics.JOB_QUEUE.labels(kind=name).set(value)
+
+    def _start_waiting(self) -> None:
+        """Start the waiting jobs whose model some worker now serves, while slots are free."""
+        for entry, waiting in list(self.waiting.items()):
+            if self.settings.concurrency - self._busy() <= 0:
+                return
+            if self.engine.can_serve(waiting.model):
+                del self.waiting[entry]
+                self._take(entry, waiting.raw)
+
+    def _lost(self, entry: str) -> None:
+        """Another daemon took ``entry`` over (this one stalled past claim_idle_s): it runs the
+        job now; ours stops without writing anything."""
+        if self.waiting.pop(entry, None) is not None:
+            return
+        with self._lock:
+            run = self.running.get(entry)
+        if run is not None and not run.lost:
+            log.warning("job entry %s was taken over by another daemon (this one stalled); stopping our run",
+                        entry, extra={"job": run.spec.id})
+            run.lost = True
+            run.cancel.set()
 
     def _busy(self) -> int:
         """Slots in use: queued jobs only (the streams of serve.streams run besides them)."""
@@ -236,7 +279,13 @@ class Daemon:
     def _poll_cancels(self) -> None:
         with self._lock:
             by_job = {run.spec.id: run for run in self.running.values()}
-        for job_id in self.store.cancel_requested(list(by_job)):
+        waiting = {w.job_id: entry for entry, w in self.waiting.items()}
+        for job_id in self.store.cancel_requested([*by_job, *waiting]):
+            if job_id in waiting:  # not started: it ends here and now
+                log.info("cancel requested", extra={"job": job_id})
+                w = self.waiting.pop(waiting[job_id])
+                self._finish_now(job_id, waiting[job_id], JobState.CANCELLED, "", output=w.output)
+                continue
             run = by_job[job_id]
             if not run.cancel.is_set():
                 log.info("cancel requested", extra={"job": job_id})
@@ -246,6 +295,26 @@ class Daemon:
     # ------------------------------------------------------------------ one entry
 
     def _take(self, entry: str, raw: dict) -> None:
+        """Handle one entry. Whatever is wrong with it fails that job, never the daemon; Redis
+        trouble goes to the loop (the entry stays pending and is taken up again)."""
+        self.waiting.pop(entry, None)
+        try:
+            self._take_entry(entry, raw)
+        except (*REDIS_ERRORS, redis_lib.ResponseError):
+            raise
+        except Exception as exc:  # an entry nobody foresaw (or a bug): this job fails, the others go on
+            log.exception("job entry %s could not be handled; failing its job", entry)
+            self._fail_entry(entry, raw, f"the job could not be read: {type(exc).__name__}: {str(exc)[:200]}")
+
+    def _fail_entry(self, entry: str, raw: dict, error: str) -> None:
+        try:
+            job_id = job_id_of(decode_fields(raw), entry)
+        except Exception:  # not even an id: record it under one made from the entry
+            job_id = f"entry-{entry}"
+        self.store.register(job_id, entry, {})
+        self._finish_now(job_id, entry, JobState.FAILED, error)
+
+    def _take_entry(self, entry: str, raw: dict) -> None:
         try:
             fields = decode_fields(raw)
             job_id = job_id_of(fields, entry)
@@ -266,18 +335,15 @@ class Daemon:
                 return
         current = self.store.get(job_id)
         if current.get("cancel") == "1":
-            self._finish_now(job_id, entry, JobState.CANCELLED, "")
+            self._finish_now(job_id, entry, JobState.CANCELLED, "", output=current.get("output"))
             return
         attempts = int(current.get("attempts") or 0)
         if attempts >= self.settings.max_attempts:
             error = current.get("error") or "the job did not finish"
             message = f"gave up after {attempts} attempts: {error}"
             log.error("%s", message, extra={"job": job_id})
-            p = self.redis.pipeline(transaction=True)
-            self.store.update(job_id, {"state": JobState.FAILED.value, "error": message, "finished": utc_now()},
-                              finished=True, pipe=p)
-            self.queue.bury(entry, raw, message, pipe=p)
-            p.execute()
+            self._finish_now(job_id, entry, JobState.FAILED, message, output=current.get("output"),
+                             end=lambda p: self.queue.bury(entry, raw, message, pipe=p))
             metrics.JOBS.labels(state="dead").inc()
             return
         try:
@@ -286,23 +352,48 @@ class Daemon:
                              live_sources=self.settings.live_sources)
         except JobRejected as exc:
             log.error("rejected: %s", exc, extra={"job": job_id})
-            self._finish_now(job_id, entry, JobState.FAILED, str(exc))
+            self._finish_now(job_id, entry, JobState.FAILED, str(exc), output=current.get("output"))
             return
-        if not self.engine.can_serve(spec.options.model):  # not acknowledged: taken up again after claim_idle_s
-            reason = f"waiting: no registered worker serves {spec.options.model}"
+        model = spec.options.model
+        if not self.engine.can_serve(model):  # not acknowledged: it waits here for a worker
+            if not _known_model(model, self.engine):
+                self._finish_now(job_id, entry, JobState.FAILED, f"unknown model '{model}'; no worker serves it, "
+                                 f"and it is none of {', '.join(_model_names(self.engine))}")
+                return
+            reason = f"waiting: no registered worker serves {model}"
             if current.get("error") != reason:
                 log.info("%s", reason, extra={"job": job_id})
-                self.store.update(job_id, {"state": JobState.QUEUED.value, "error": reason})
+                self.store.update_if(job_id, {"state": JobState.QUEUED.value, "error": reason})
+            self.waiting[entry] = _Waiting(job_id, raw, model, current.get("output"))
             return
         self._start(spec, raw, attempts + 1)
 
-    def _finish_now(self, job_id: str, entry: str, state: JobState, error: str) -> None:
-        p = self.redis.pipeline(transaction=True)
-        self.store.update(job_id, {"state": state.value, "error": error, "finished": utc_now(), "daemon": self.id},
-                          finished=True, pipe=p)
-        self.queue.ack(entry, pipe=p)
-        p.execute()
+    def _finish_now(self, job_id: str, entry: str, state: JobState, error: str, *, output: str | None = None,
+                    end=None) -> None:
+        """End a job this daemon just took, without running it: its state (unless it finished
+        meanwhile), its entry acknowledged (``end(pipe)``: or buried), what attempts before
+        left beside its output removed."""
+        values = {"state": state.value, "error": redact_text(error), "finished": utc_now(), "daemon": self.id}
+        end = end or (lambda p: self.queue.ack(entry, pipe=p))
+        if not self.store.update_if(job_id, values, finished=True, also=end):
+            self.queue.ack(entry)  # it finished elsewhere meanwhile: that state stays
+        if output:
+            self._remove_parts(job_id, output)
         metrics.JOBS.labels(state=state.value).inc()
+
+    def _remove_parts(self, job_id: str, output: str | Path) -> None:
+        """Remove the temporary files earlier attempts at ``job_id`` left beside ``output``
+        (resolved again under the output roots: a hash field is no licence to delete)."""
+        try:
+            dest = resolve_under(str(output), self.settings.output_roots, "output", must_exist=False)
+        except JobRejected:
+            return  # a stream URL, or not (or no longer) under the roots
+        for part in tagged_parts(dest, job_id):
+            try:
+                part.unlink(missing_ok=True)
+                log.info("removed %s, left by an earlier attempt", part.name, extra={"job": job_id})
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", part, exc, extra={"job": job_id})
 
     def _start_config_streams(self) -> None:
         """The live feeds listed in serve.streams run while this daemon runs (like cameras)."""
@@ -325,15 +416,29 @@ class Daemon:
             self._start(spec, {}, 1, from_config=True)
 
     def _start(self, spec: JobSpec, raw: dict, attempt: int, *, from_config: bool = False) -> None:
-        run = _Running(spec, raw, from_config=from_config)
+        """Say "running", then run. Redis refusing the first write leaves nothing behind (no
+        slot held, no entry kept claimed): the entry stays pending and is taken up again."""
+        run = _Running(spec, raw, from_config=from_config, attempt=attempt)
+        values = {"state": JobState.RUNNING.value, "attempts": attempt, "daemon": self.id, "started": utc_now(),
+                  "error": "", "progress": 0}
+        if from_config:  # a feed of the config: runs again whatever an earlier run ended in
+            self.store.update(spec.id, values, persist=True)
+        elif not self.store.update_if(spec.id, values):  # finished meanwhile (by a daemon that stalled)
+            self.queue.ack(spec.entry)
+            return
+        if not spec.live:
+            self._remove_parts(spec.id, spec.output)
+        run.thread = threading.Thread(target=self._run_job, args=(run,), name=f"job-{spec.id}", daemon=True)
         with self._lock:
             self.running[spec.entry] = run
             self.runs += 1
-        self.store.update(spec.id, {"state": JobState.RUNNING.value, "attempts": attempt, "daemon": self.id,
-                                    "started": utc_now(), "error": "", "progress": 0})
-        metrics.JOBS_RUNNING.set(len(self.running))
-        run.thread = threading.Thread(target=self._run_job, args=(run,), name=f"job-{spec.id}", daemon=True)
-        run.thread.start()
+            metrics.JOBS_RUNNING.set(len(self.running))
+        try:
+            run.thread.start()
+        except BaseException:
+            with self._lock:
+                self.running.pop(spec.entry, None)
+            raise
 
     def _run_job(self, run: _Running) -> None:
         spec = run.spec
@@ -348,12 +453,16 @@ class Daemon:
                 else:
                     result = restore_file(spec.input, spec.output, spec.options, engine=self.engine,
                                           faces_file=spec.faces, progress=lambda p: self._progress(run, p),
-                                          cancel=run.cancel, job_id=spec.id, temp_tag=spec.id)
+                                          cancel=run.cancel, job_id=spec.id,
+                                          temp_tag=attempt_tag(spec.id, run.attempt))
             except Cancelled:
-                if run.user_cancelled:
+                if run.lost:
+                    log.info("stopped: another daemon runs the job now")
+                elif run.user_cancelled:
                     self._finish(run, JobState.CANCELLED, error="cancelled")
-                else:  # the daemon is stopping: leave it pending for another daemon
-                    self._requeue(run, "the daemon stopped before the job finished; it will run again")
+                else:  # the daemon is stopping: leave it pending for another daemon, no attempt spent
+                    self._requeue(run, "the daemon stopped before the job finished; it will run again",
+                                  failed=False)
             except GpenStreamError as exc:
                 if exc.retryable:
                     self._requeue(run, str(exc))
@@ -384,33 +493,65 @@ class Daemon:
         if p.live is not None:  # live jobs: their figures, in the hash and as metrics
             fields |= {k: ("" if p.live.get(k) is None else p.live[k]) for k in metrics.LIVE_FIGURES}
             metrics.publish_live(run.spec.id, p.live)
-        self.writer.put_progress(run.spec.id, lambda: self.store.update(run.spec.id, fields))
+        self.writer.put_progress(run.spec.id, lambda: self._write(run, fields))
 
     def _finish(self, run: _Running, state: JobState, *, error: str = "", output: str = "", frames: int = 0) -> None:
         """Write the final state, then acknowledge: in that order, through the writer (Redis
         may be down right now; the job is done either way)."""
         spec = run.spec
-        values = {"state": state.value, "error": error, "finished": utc_now()}
+        values = {"state": state.value, "error": redact_text(error), "finished": utc_now()}
         if state is JobState.DONE:
             values |= {"output": output, "progress": 1, "frames_done": frames, "eta_s": 0}
         self.writer.drop_progress(spec.id)
 
         def write() -> None:
-            p = self.redis.pipeline(transaction=True)
-            self.store.update(spec.id, values, finished=True, pipe=p)
-            if not run.from_config:
-                self.queue.ack(spec.entry, pipe=p)
-            p.execute()
+            try:
+                self._write(run, values, finished=True,
+                            also=None if run.from_config else lambda p: self.queue.ack(spec.entry, pipe=p))
+            except Exception as exc:
+                if transient(exc):
+                    raise  # the writer tries again
+                with self._lock:  # dropped: the entry goes stale and runs again elsewhere
+                    self.finishing.discard(spec.entry)
+                raise
+            with self._lock:
+                self.finishing.discard(spec.entry)
 
+        if not run.from_config:
+            with self._lock:
+                self.finishing.add(spec.entry)
         self.writer.put(write)
         metrics.JOBS.labels(state=state.value).inc()
 
-    def _requeue(self, run: _Running, error: str) -> None:
-        """Not acknowledged: the entry stays pending and is taken over after claim_idle_s."""
+    def _requeue(self, run: _Running, error: str, *, failed: bool = True) -> None:
+        """Not acknowledged: the entry stays pending and is taken over after claim_idle_s.
+        ``failed=False`` (the daemon stopped under it): the attempt is given back, so restarts
+        (deploys, scale-down) never bury a healthy job, nor a live one that never ends."""
         log.warning("will be retried: %s", error)
+        values = {"state": JobState.QUEUED.value, "error": redact_text(error)}
+        if not failed:
+            values["attempts"] = run.attempt - 1
         self.writer.drop_progress(run.spec.id)
-        self.writer.put(lambda: self.store.update(run.spec.id, {"state": JobState.QUEUED.value, "error": error}))
+        self.writer.put(lambda: self._write(run, values))
         metrics.JOBS.labels(state="retried").inc()
+
+    def _write(self, run: _Running, values: dict, *, finished: bool = False, also=None) -> None:
+        """A state change of ``run``'s, only while the job is still this run's (see
+        ``JobStore.update_if``); a run that lost its job writes nothing."""
+        if run.lost:
+            return
+        if run.from_config:  # a feed of this daemon's config: no entry, nobody takes it over
+            p = self.redis.pipeline(transaction=True)
+            self.store.update(run.spec.id, values, finished=finished, pipe=p)
+            if also is not None:
+                also(p)
+            p.execute()
+        elif not self.store.update_if(run.spec.id, values, owner=(self.id, run.attempt), finished=finished,
+                                      also=also):
+            log.warning("the job is no longer this run's (another daemon took it over, or it ended); "
+                        "stopping, its state left as it is", extra={"job": run.spec.id})
+            run.lost = True
+            run.cancel.set()
 
     # ------------------------------------------------------------------ stopping
 
@@ -420,6 +561,7 @@ class Daemon:
         if runs:
             log.info("stopping: %d running job(s) get %.0f s to finish", len(runs), self.settings.drain_s)
         deadline = time.monotonic() + self.settings.drain_s
+        runs = [run for run in runs if run.thread is not None and run.thread.ident is not None]  # started ones
         for run in runs:
             run.thread.join(max(0.0, deadline - time.monotonic()))
         for run in runs:
@@ -431,7 +573,7 @@ class Daemon:
             log.warning("Redis did not take the last state updates; other daemons will redo what is pending")
         try:
             self.redis.delete(self.keys.daemon(self.id))
-        except REDIS_ERRORS:
+        except (*REDIS_ERRORS, redis_lib.ResponseError):
             pass
         log.info("daemon %s stopped", self.id)
 
@@ -439,8 +581,22 @@ class Daemon:
         try:
             self.redis.ping()
             redis_ok = True
-        except REDIS_ERRORS:
+        except (*REDIS_ERRORS, redis_lib.ResponseError):
             redis_ok = False
         workers = self.engine.worker_count()
         return {"ok": redis_ok and self.engine.workers_ok(), "redis": redis_ok, "workers": workers,
                 "running": len(self.running), "daemon": self.id}
+
+
+def _model_names(engine: Engine) -> list[str]:
+    from workers.restorers import GPEN_SIZES, IDENTITY
+
+    return [*GPEN_SIZES, IDENTITY, *engine.worker_settings.models]
+
+
+def _known_model(model: str, engine: Engine) -> bool:
+    """Whether some worker could ever serve ``model``: a released GPEN, a diagnostic model, or
+    one the settings give weights for (a name no worker knows would wait for ever)."""
+    from workers.restorers import STANDIN
+
+    return model in _model_names(engine) or STANDIN.match(model) is not None

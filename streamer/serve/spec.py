@@ -89,13 +89,14 @@ def parse_job(fields: dict[str, str], entry: str, *, input_roots: list[Path], ou
         options = job_options(requested, base=defaults)
     except SettingsError as exc:
         raise JobRejected(str(exc)) from None
-    if is_stream_url(fields["input"]):  # a live job: the stream, and a stream or a file to write
+    if _stream_url(fields["input"], "input"):  # a live job: the stream, and a stream or a file to write
         try:
             check_allowed(fields["input"], list(live_sources))
-        except LiveRefused as exc:
+        except (LiveRefused, ValueError) as exc:
             raise JobRejected(str(exc)) from None
         target = fields["output"]
-        output = target if is_stream_url(target) else resolve_under(target, output_roots, "output", must_exist=False)
+        output = target if _stream_url(target, "output") else resolve_under(target, output_roots, "output",
+                                                                           must_exist=False)
         if faces_field is not None:
             raise JobRejected("option 'faces' is for file jobs; a live job finds faces itself")
         return JobSpec(job_id, fields["input"], output, options, None, entry, live=True)
@@ -111,6 +112,15 @@ def parse_job(fields: dict[str, str], entry: str, *, input_roots: list[Path], ou
     return JobSpec(job_id, source, output, options, faces, entry)
 
 
+def _stream_url(text: str, role: str) -> bool:
+    """Whether ``text`` is a stream URL; a URL that cannot even be parsed (``rtsp://[::1``) is
+    refused here (it is not quoted back: it may hold a password)."""
+    try:
+        return is_stream_url(text)
+    except ValueError as exc:
+        raise JobRejected(f"{role} is not a valid URL ({exc})") from None
+
+
 def _options(text: str | None) -> dict:
     if text is None or text.strip() == "":
         return {}
@@ -118,6 +128,8 @@ def _options(text: str | None) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise JobRejected(f"options is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:  # nested too deep, numbers too long, ...
+        raise JobRejected(f"options is not usable JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
     if not isinstance(value, dict):
         raise JobRejected(f"options must be a JSON object, got {type(value).__name__}")
     return value

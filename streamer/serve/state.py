@@ -84,19 +84,46 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, str]:
         return {text(k): text(v) for k, v in self.redis.hgetall(self.keys.job(job_id)).items()}
 
-    def update(self, job_id: str, fields: dict, *, event: bool = True, finished: bool = False, pipe=None) -> None:
-        """Set ``fields`` (and ``updated``); add an event; start the expiry clock if finished."""
+    def update(self, job_id: str, fields: dict, *, event: bool = True, finished: bool = False, persist: bool = False,
+               pipe=None) -> None:
+        """Set ``fields`` (and ``updated``); add an event; start the expiry clock if finished
+        (``persist``: stop one an earlier end started)."""
         now = utc_now()
         values = {k: "" if v is None else str(v) for k, v in fields.items()} | {"updated": now}
         p = pipe or self.redis.pipeline(transaction=True)
         p.hset(self.keys.job(job_id), mapping=values)
         if finished:
             p.expire(self.keys.job(job_id), self.keep_finished_s)
+        elif persist:
+            p.persist(self.keys.job(job_id))
         if event:
             shown = {k: v for k, v in values.items() if k in ("state", "error", "output", *PROGRESS_FIELDS)}
             p.xadd(self.keys.events, {"id": job_id, "time": now, **shown}, maxlen=self.events_maxlen, approximate=True)
         if pipe is None:
             p.execute()
+
+    def update_if(self, job_id: str, fields: dict, *, owner: tuple[str, int] | None = None, finished: bool = False,
+                  also=None) -> bool:
+        """``update`` in one transaction, only if the job has not finished and, with ``owner``
+        (daemon, attempt), only while its hash still names that daemon and attempt: a daemon
+        that stalled past claim_idle_s and lost the job to another never overwrites what the
+        other wrote, and nothing turns a done job back into queued. ``also(pipe)`` adds commands
+        to the same transaction (the acknowledgement). False when refused."""
+        key = self.keys.job(job_id)
+
+        def write(pipe) -> bool:
+            daemon, attempts, state = (None if v is None else text(v)
+                                       for v in pipe.hmget(key, "daemon", "attempts", "state"))
+            if state in FINISHED or (owner is not None and (daemon, attempts) != (owner[0], str(owner[1]))):
+                pipe.unwatch()
+                return False
+            pipe.multi()
+            self.update(job_id, fields, finished=finished, pipe=pipe)
+            if also is not None:
+                also(pipe)
+            return True
+
+        return self.redis.transaction(write, key, value_from_callable=True)
 
     def cancel_requested(self, job_ids: list[str]) -> set[str]:
         if not job_ids:
