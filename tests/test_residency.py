@@ -222,3 +222,37 @@ def test_the_blends_states_stay_leased_and_its_batch_memory_comes_and_goes_with_
     assert residency.held_bytes() == 19 * MIB + 9 * MIB and residency._blend_to_come() == 0
     residency.unload("identity", why="test")
     assert residency.held_bytes() == 10 * MIB
+
+
+def test_a_worker_whose_lapsed_lease_another_took_unloads_its_models_until_it_has_one_again(redis_server,
+                                                                                         worker_settings):
+    """Its Redis was out of reach past the lease's TTL and another worker took the memory: it
+    must not keep running outside any lease."""
+    import threading
+
+    from workers.build import build_worker
+
+    r = redis_server.client()
+    key = f"{unique_prefix()}:gpu:test:0"
+    budget = GpuBudget(r, key, "w1", total_mib=100_000, ttl_s=1.0)
+    other = GpuBudget(r, key, "w2", total_mib=100_000, ttl_s=1.0)
+    worker = build_worker(["standin-0+0ms-256px"], worker_settings(batch=2), budget=budget)
+    worker.bind("inproc://lease-lost")
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        assert list(worker.residency.loaded) == ["standin-0+0ms-256px"]
+        budget._stop.set()  # its renewals stop for longer than the TTL
+        time.sleep(1.5)
+        assert other.acquire(100_000 - 10)
+        assert not budget.renew()  # what its renewing thread does once Redis answers again
+        deadline = time.monotonic() + 10
+        while worker.residency.loaded and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not worker.residency.loaded
+        assert sum(leases(r, key).values()) <= 100_000  # what the two hold fits the device
+    finally:
+        worker.stop_event.set()
+        thread.join(10)
+        other.release()
+        budget.release()

@@ -72,8 +72,11 @@ def build_worker(models: Iterable[str], settings: WorkerSettings, *, device: str
             residency.get(name)
     restorers = {name: ResidentRestorer(residency, name, crop_size(name, settings.models.get(name)),
                                         run_dtypes[name]) for name in models}
-    return Worker(restorers, batch=batch, batch_wait_ms=settings.batch_wait_ms, credits=settings.credits,
-                  device=str(dev), context=context, worker_id=worker_id, residency=residency, blender=blender)
+    worker = Worker(restorers, batch=batch, batch_wait_ms=settings.batch_wait_ms, credits=settings.credits,
+                    device=str(dev), context=context, worker_id=worker_id, residency=residency, blender=blender)
+    if budget is not None:  # a lapsed lease another worker took: unload, and load again only inside a new one
+        budget.on_lost = lambda _mib: worker.lease_lost.set()
+    return worker
 
 
 def _locate(name: str, settings: WorkerSettings, allow_download: bool) -> None:

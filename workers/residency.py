@@ -139,6 +139,12 @@ class Residency:
             self._shrink()
         log.info("unloaded %s (%s)", name, why)
 
+    def unload_all(self, *, why: str) -> None:
+        """Every model out (the lease was lost): the next crop loads its model again, inside a
+        lease granted anew (``_make_room`` waits for it)."""
+        for name in list(self.loaded):
+            self.unload(name, why=why)
+
     def _shrink(self) -> None:
         """The lease down to what is loaded (shrinking always succeeds while Redis answers)."""
         try:

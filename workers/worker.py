@@ -95,6 +95,7 @@ class Worker:
         self._sessions: dict[bytes, int] = {}  # decoder -> its session (replies of an earlier one are not sent)
         self._session_count = 0
         self.on_stopping: list = []  # called once when a stop begins (e.g. leave the Redis registry)
+        self.lease_lost = threading.Event()  # set by the memory lease's thread (workers.budget.GpuBudget.on_lost)
         self.peer_timeout_s = peer_timeout_s
         self._in_flight: dict[bytes, int] = {}  # crops held per decoder, at most the credits granted
         self._ending: set[tuple] = set()  # tracks to forget once their queued crops are done
@@ -299,6 +300,11 @@ class Worker:
         if now - self._last_heartbeat >= wire.HEARTBEAT_S:
             self._last_heartbeat = now
             self._expire_silent_peers(now)
+            if self.residency is not None and self.lease_lost.is_set():  # in the model thread, after its batches
+                self.lease_lost.clear()
+                log.error("worker %s lost its memory lease to other workers: unloading its models until it has "
+                          "one again", self.id)
+                self._model_thread.submit(self.residency.unload_all, why="the memory lease was lost")
             if self.residency is not None and not self._batches:  # in the model thread: never under a batch
                 self._model_thread.submit(self.residency.unload_idle)
             for peer in self._peers:
