@@ -456,6 +456,23 @@ def test_sigterm_past_the_drain_time_leaves_the_job_pending_for_another_daemon(r
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 1 and not list((roots / "out").iterdir())
 
 
+def test_a_cancel_sent_while_the_daemon_drains_cancels_the_job(redis_server, roots):
+    clip = make_clip(roots / "in" / "c.mp4", frames=900, audio=False)
+    prefix = unique_prefix()
+    daemon = Daemon(redis_server, prefix, roots, env={"GPEN_STREAM_SERVE_DRAIN_S": "60"})
+    r = redis_server.client()
+    r.xadd(f"{prefix}:jobs", {"id": "c", "input": str(clip.path), "output": str(roots / "out" / "c.mp4"),
+                              "options": json.dumps({"faces": str(clip.faces_path)})})
+    _wait_state(r, prefix, "c", {"running"})
+    daemon.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    r.hset(f"{prefix}:job:c", "cancel", 1)
+    assert daemon.stop(signal.SIGTERM) == 0
+    job = _job(r, prefix, "c")
+    assert job["state"] == "cancelled", job
+    assert not list((roots / "out").iterdir())
+
+
 def test_sigterm_restarts_do_not_count_as_failed_attempts(redis_server, roots):
     clip = make_clip(roots / "in" / "g.mp4", frames=300, audio=False)
     prefix = unique_prefix()

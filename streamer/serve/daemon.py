@@ -562,8 +562,13 @@ class Daemon:
             log.info("stopping: %d running job(s) get %.0f s to finish", len(runs), self.settings.drain_s)
         deadline = time.monotonic() + self.settings.drain_s
         runs = [run for run in runs if run.thread is not None and run.thread.ident is not None]  # started ones
-        for run in runs:
-            run.thread.join(max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline and any(run.thread.is_alive() for run in runs):
+            next(run for run in runs if run.thread.is_alive()).thread.join(
+                min(1.0, max(0.0, deadline - time.monotonic())))
+            try:
+                self._poll_cancels()  # a cancel sent while draining is a cancel, not a requeue
+            except (*REDIS_ERRORS, redis_lib.ResponseError):
+                pass
         for run in runs:
             if run.thread.is_alive():
                 run.cancel.set()  # not user_cancelled: it goes back to queued, still pending
