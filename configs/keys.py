@@ -7,6 +7,7 @@
     <p>:jobs:recent       zset     job ids by submission time (for `gpen-stream jobs`)
     <p>:events            stream   state changes and progress (capped)
     <p>:daemon:<id>       hash     a serve daemon's heartbeat (TTL)
+    <p>:feed:<id>:owner   string   the daemon that runs a serve.streams feed (TTL, renewed)
     <p>:worker:<id>       hash     a worker's registration (TTL, refreshed by heartbeat)
     <p>:gpu:<host>:<n>    hash     a GPU's memory budget and its leases
 """
@@ -45,6 +46,9 @@ class Keys:
 
     def daemon(self, daemon_id: str) -> str:
         return f"{self.prefix}:daemon:{daemon_id}"
+
+    def feed_owner(self, feed_id: str) -> str:
+        return f"{self.prefix}:feed:{feed_id}:owner"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"

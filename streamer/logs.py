@@ -24,11 +24,16 @@ JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("job", default=
 
 SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "passphrase", "secret", "token"})  # in a URL's query
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# A URL's user:password@, found before any parsing: a password may hold characters a URL
+# parser takes for the end of the host ('#', '/', '?') or a quote. It runs to the last '@' of
+# the unbroken text after the user name (so a password with '@' in it is hidden whole too).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s@/:'\"<>]*):\S*@")
 
 
 def redact(url: str) -> str:
     """``url`` without its secrets: the password of its user part and the values of the query
     parameters in SECRET_PARAMS. Everything else as given (IPv6 brackets, port)."""
+    url = _USERINFO.sub(r"\1:***@", url)
     try:
         parts = urlsplit(url)
     except ValueError:  # "rtsp://[::1": nothing of it past the scheme is shown
@@ -42,13 +47,18 @@ def redact(url: str) -> str:
 
 
 def _hide_secret(item: str) -> str:
-    name, eq, _value = item.partition("=")
-    return f"{name}=***" if eq and name.lower() in SECRET_PARAMS else item
+    name, eq, value = item.partition("=")
+    if not eq or name.lower() not in SECRET_PARAMS:
+        return item
+    after = re.search(r"[.,:;!)\]]*$", value).group(0)  # the sentence's, not the secret's
+    return f"{name}=***{after}"
 
 
 def redact_text(text: str) -> str:
     """``text`` with every URL in it redacted."""
-    return _URL.sub(lambda m: redact(m.group(0)), text) if "://" in text else text
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: redact(m.group(0)), _USERINFO.sub(r"\1:***@", text))
 
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

@@ -599,6 +599,10 @@ def test_redis_urls_with_a_password_work_and_are_never_logged(tmp_path, roots):
     ("rediss://user:pw@[::1]:6380/2", "rediss://user:***@[::1]:6380/2"),
     ("srt://cam:9000?passphrase=pw&latency=20", "srt://cam:9000?passphrase=***&latency=20"),
     ("rtsp://[::1", "rtsp://(a URL that cannot be parsed)"),
+    ("rtsp://admin:pa#ss@cam/stream", "rtsp://admin:***@cam/stream"),  # characters a URL parser stops at
+    ("rtsp://admin:p/w?x@cam:554/s", "rtsp://admin:***@cam:554/s"),
+    ("rtsp://admin:p'w@cam/x", "rtsp://admin:***@cam/x"),
+    ("rtsp://admin:p@ss@cam/x", "rtsp://admin:***@cam/x"),
     ("/media/out/a.mp4", "/media/out/a.mp4"),
 ])
 def test_redact_hides_passwords_and_keeps_the_rest_of_the_url(url, shown):
@@ -672,3 +676,21 @@ def test_a_stream_job_runs_live_with_its_figures_in_the_hash_until_cancelled(red
     assert job["state"] == "cancelled"  # cancelling is how a live job ends; what it recorded stays
     recorded = read_frame_indices(recording)
     assert len(recorded.frames) >= 30 and recorded.pts_increasing()
+
+
+def test_a_running_jobs_hash_lost_with_redis_data_is_written_again_not_taken_for_a_takeover(redis_server):
+    from configs.keys import Keys
+    from streamer.serve.state import JobStore
+
+    r = redis_server.client()
+    keys = Keys(unique_prefix())
+    store = JobStore(r, keys)
+    store.register("j", "1-0", {"input": "/in/a.mp4"})
+    identity = {"state": "running", "entry": "1-0", "input": "/in/a.mp4", "daemon": "D", "attempts": 1}
+    assert store.update_if("j", identity)
+    r.delete(keys.job("j"))  # Redis restarted without its data under the running job
+    assert store.update_if("j", {"progress": 0.6}, owner=("D", 1), recreate=identity)
+    job = _job(r, keys.prefix, "j")
+    assert job["state"] == "running" and job["daemon"] == "D" and job["progress"] == "0.6"
+    r.hset(keys.job("j"), mapping={"daemon": "E", "attempts": 2})  # taken over: still refused
+    assert not store.update_if("j", {"progress": 0.7}, owner=("D", 1), recreate=identity)

@@ -177,6 +177,8 @@ class Daemon:
         self.redis_ok = True
         self.runs = 0  # jobs started by this daemon (for tests and /healthz)
         self._slot_freed = threading.Event()
+        self.feeds = self._parse_config_streams()  # serve.streams, by id
+        self._feeds_started: set[str] = set()  # a feed that ended here (cancelled, failed) is not started again
 
     # ------------------------------------------------------------------ the loop
 
@@ -184,7 +186,6 @@ class Daemon:
         """Until ``stop`` is set; then drain (see the module docstring) and return."""
         log.info("daemon %s serving %s on %s (concurrency %d)", self.id, self.keys.jobs, redact(self.settings.redis),
                  self.settings.concurrency)
-        self._start_config_streams()
         last_housekeeping = 0.0
         backoff = 0.5
         need_group = True
@@ -237,6 +238,7 @@ class Daemon:
         for entry in self.queue.touch(entries):  # our running jobs are not stale, however long they take
             self._lost(entry)
         self._start_waiting()
+        self._own_config_streams()
         self.redis.hset(self.keys.daemon(self.id), mapping={"running": len(entries), "updated": utc_now()})
         self.redis.expire(self.keys.daemon(self.id), DAEMON_TTL_S)
         free = self.settings.concurrency - self._busy()
@@ -395,8 +397,9 @@ class Daemon:
             except OSError as exc:
                 log.warning("cannot remove %s: %s", part, exc, extra={"job": job_id})
 
-    def _start_config_streams(self) -> None:
-        """The live feeds listed in serve.streams run while this daemon runs (like cameras)."""
+    def _parse_config_streams(self) -> dict[str, JobSpec]:
+        """The live feeds listed in serve.streams, checked once (a bad one is said and left out)."""
+        feeds = {}
         for item in self.settings.streams:
             fields = {k: (json.dumps(v) if k == "options" else str(v)) for k, v in item.items()}
             entry = f"config:{fields.get('id', '')}"
@@ -410,10 +413,38 @@ class Daemon:
             except JobRejected as exc:
                 log.error("serve.streams entry %s: %s", item.get("id", "?"), exc)
                 continue
-            self.store.register(spec.id, entry, {"input": spec.input, "output": str(spec.output),
-                                                 "model": spec.options.model})
-            self.redis.hdel(self.keys.job(spec.id), "cancel")
-            self._start(spec, {}, 1, from_config=True)
+            feeds[spec.id] = spec
+        return feeds
+
+    def _own_config_streams(self) -> None:
+        """The serve.streams feeds run while daemons run (like cameras), each at one daemon
+        however many share the config: the one holding its owner key (DAEMON_TTL_S, renewed
+        here). A daemon that dies lets its feeds go at the key's expiry, one that stops at once.
+        A feed that ended here (cancelled, or failed for good) stays ended, and owned, until
+        this daemon stops, as a job would."""
+        for feed_id, spec in self.feeds.items():
+            with self._lock:
+                run = self.running.get(spec.entry)
+            if not self.store.own_feed(feed_id, self.id, DAEMON_TTL_S):
+                if run is not None and not run.lost:  # our key lapsed (Redis away) and another daemon took it
+                    log.warning("feed %s is run by another daemon now; stopping it here", feed_id,
+                                extra={"job": feed_id})
+                    run.lost = True
+                    run.cancel.set()
+                continue
+            if feed_id not in self._feeds_started:
+                self.store.register(spec.id, spec.entry, {"input": spec.input, "output": str(spec.output),
+                                                          "model": spec.options.model})
+                self.redis.hdel(self.keys.job(spec.id), "cancel")
+                self._start(spec, {}, 1, from_config=True)
+                self._feeds_started.add(feed_id)
+
+    def _release_config_streams(self) -> None:
+        for feed_id in self.feeds:
+            try:
+                self.store.release_feed(feed_id, self.id)
+            except (*REDIS_ERRORS, redis_lib.ResponseError):
+                pass  # it expires
 
     def _start(self, spec: JobSpec, raw: dict, attempt: int, *, from_config: bool = False) -> None:
         """Say "running", then run. Redis refusing the first write leaves nothing behind (no
@@ -547,11 +578,17 @@ class Daemon:
                 also(p)
             p.execute()
         elif not self.store.update_if(run.spec.id, values, owner=(self.id, run.attempt), finished=finished,
-                                      also=also):
+                                      also=also, recreate=self._identity(run)):
             log.warning("the job is no longer this run's (another daemon took it over, or it ended); "
                         "stopping, its state left as it is", extra={"job": run.spec.id})
             run.lost = True
             run.cancel.set()
+
+    def _identity(self, run: _Running) -> dict:
+        """What a running job's hash says of it, to write again if Redis lost it."""
+        spec = run.spec
+        return {"state": JobState.RUNNING.value, "entry": spec.entry, "input": spec.input, "output": str(spec.output),
+                "model": spec.options.model, "daemon": self.id, "attempts": run.attempt, "started": utc_now()}
 
     # ------------------------------------------------------------------ stopping
 
@@ -574,6 +611,7 @@ class Daemon:
                 run.cancel.set()  # not user_cancelled: it goes back to queued, still pending
         for run in runs:
             run.thread.join(60)
+        self._release_config_streams()  # another daemon takes our feeds up at once
         if not self.writer.close(timeout_s=max(5.0, self.settings.drain_s)):
             log.warning("Redis did not take the last state updates; other daemons will redo what is pending")
         try:

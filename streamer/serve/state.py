@@ -55,6 +55,26 @@ return false
 """
 
 
+# Hold a serve.streams feed (one daemon runs it, however many share the config): take the
+# owner key if free, or extend it if ours. KEYS: owner key. ARGV: daemon id, ttl ms. 1 if ours.
+OWN_FEED_LUA = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# Let a feed go (this daemon stops): delete the owner key if it is ours. KEYS: owner key. ARGV: daemon id.
+RELEASE_FEED_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -70,6 +90,15 @@ class JobStore:
         self.redis, self.keys = redis, keys
         self.events_maxlen, self.keep_finished_s = events_maxlen, keep_finished_s
         self._register = redis.register_script(REGISTER_LUA)
+        self._own_feed = redis.register_script(OWN_FEED_LUA)
+        self._release_feed = redis.register_script(RELEASE_FEED_LUA)
+
+    def own_feed(self, feed_id: str, daemon_id: str, ttl_s: float) -> bool:
+        """Take or keep a serve.streams feed for ``daemon_id``; False if another daemon runs it."""
+        return bool(self._own_feed(keys=[self.keys.feed_owner(feed_id)], args=[daemon_id, int(ttl_s * 1000)]))
+
+    def release_feed(self, feed_id: str, daemon_id: str) -> None:
+        self._release_feed(keys=[self.keys.feed_owner(feed_id)], args=[daemon_id])
 
     def register(self, job_id: str, entry: str, fields: dict[str, str]) -> tuple[str, str] | None:
         """Create the job as queued; if it exists, return its (state, entry) instead."""
@@ -103,22 +132,29 @@ class JobStore:
             p.execute()
 
     def update_if(self, job_id: str, fields: dict, *, owner: tuple[str, int] | None = None, finished: bool = False,
-                  also=None) -> bool:
+                  also=None, recreate: dict | None = None) -> bool:
         """``update`` in one transaction, only if the job has not finished and, with ``owner``
         (daemon, attempt), only while its hash still names that daemon and attempt: a daemon
         that stalled past claim_idle_s and lost the job to another never overwrites what the
         other wrote, and nothing turns a done job back into queued. ``also(pipe)`` adds commands
-        to the same transaction (the acknowledgement). False when refused."""
+        to the same transaction (the acknowledgement). A hash that is gone (Redis lost its data
+        under a running job) is no takeover: it is written again from ``recreate`` and
+        ``fields``. False when refused."""
         key = self.keys.job(job_id)
 
         def write(pipe) -> bool:
             daemon, attempts, state = (None if v is None else text(v)
                                        for v in pipe.hmget(key, "daemon", "attempts", "state"))
-            if state in FINISHED or (owner is not None and (daemon, attempts) != (owner[0], str(owner[1]))):
+            gone = daemon is None and attempts is None and state is None
+            if gone and recreate is not None:
+                values = recreate | fields
+            elif state in FINISHED or (owner is not None and (daemon, attempts) != (owner[0], str(owner[1]))):
                 pipe.unwatch()
                 return False
+            else:
+                values = fields
             pipe.multi()
-            self.update(job_id, fields, finished=finished, pipe=pipe)
+            self.update(job_id, values, finished=finished, pipe=pipe)
             if also is not None:
                 also(pipe)
             return True
