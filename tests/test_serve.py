@@ -694,3 +694,27 @@ def test_a_running_jobs_hash_lost_with_redis_data_is_written_again_not_taken_for
     assert job["state"] == "running" and job["daemon"] == "D" and job["progress"] == "0.6"
     r.hset(keys.job("j"), mapping={"daemon": "E", "attempts": 2})  # taken over: still refused
     assert not store.update_if("j", {"progress": 0.7}, owner=("D", 1), recreate=identity)
+
+
+def test_a_config_feed_runs_at_one_daemon_of_those_sharing_the_config_and_moves_when_it_stops(redis_server, roots):
+    prefix = unique_prefix()
+    r = redis_server.client()
+    feed = [{"id": "gate", "input": "rtsp://127.0.0.1:9/cam", "output": str(roots / "out" / "gate.mkv")}]
+    env = {"GPEN_STREAM_SERVE_STREAMS": json.dumps(feed)}
+    first = Daemon(redis_server, prefix, roots, name="a", env=env)
+    second = Daemon(redis_server, prefix, roots, name="b", env=env)
+    try:
+        time.sleep(3)  # a few housekeeping rounds of both
+        runs = [d for d in (first, second) if "running rtsp://127.0.0.1:9/cam" in d.text()]
+        assert len(runs) == 1, [d.text()[-500:] for d in (first, second)]
+        owner, other = (first, second) if runs[0] is first else (second, first)
+        assert _job(r, prefix, "gate")["state"] == "running"
+        assert owner.stop() == 0
+        deadline = time.monotonic() + 15
+        while "running rtsp://127.0.0.1:9/cam" not in other.text():
+            assert time.monotonic() < deadline, other.text()[-800:]
+            time.sleep(0.2)
+        assert _wait_state(r, prefix, "gate", {"running"}, timeout=10)
+    finally:
+        first.stop()
+        second.stop()

@@ -4,8 +4,9 @@ track's temporal state, and replies.
 
 It runs as a thread inside ``gpen-stream restore`` (``inproc://``) or as its own process
 (``gpen-stream worker --endpoint ipc://...|tcp://...``). SIGTERM (or the stop event) makes it
-tell its decoders it is leaving, hand back at once the crops that reach it after that (they go
-to other workers), finish the crops it already holds, then exit.
+tell its decoders it is leaving (they send it nothing more and say they heard), then leave the
+Redis registry, restore the crops it holds and those that reach it before each decoder heard,
+then exit.
 """
 
 from __future__ import annotations

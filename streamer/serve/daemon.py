@@ -8,14 +8,18 @@ daemon left pending, refreshes its heartbeat and the queue gauges.
 Exactly once: a job is acknowledged only after its output was renamed into place and its
 state says done (or after it failed for a reason retrying cannot fix). A daemon killed in
 the middle leaves the entry pending; another daemon takes it over after ``claim_idle_s``
-and runs it again from the start, writing to the same temporary file name (derived from the
-job id), so one output appears, once, and no temporary file is left. An entry delivered
-``max_attempts`` times goes to ``<prefix>:jobs:dead``.
+and runs it again from the start, writing to a temporary file of its own attempt and removing
+what earlier attempts left, so one output appears, once, and no temporary file is left. A
+daemon that stalled past ``claim_idle_s`` and finds its job taken over stops it without
+writing anything (``JobStore.update_if``). An entry that failed ``max_attempts`` times goes to
+``<prefix>:jobs:dead``.
 
 Redis going away does not stop running jobs: their state writes queue up in order
 (``RedisWriter``) and reach Redis when it is back; the loop retries with backoff. SIGTERM:
-take no more jobs, let the running ones finish within ``drain_s``, put the others back to
-queued (still pending, for another daemon), exit 0.
+take no more jobs, let the running file jobs finish within ``drain_s`` (they stay claimed
+meanwhile, and a cancel sent meanwhile is a cancel), stop live ones at once (they never
+finish), put the others back to queued (still pending, for another daemon, the attempt not
+counted), let this daemon's serve.streams feeds go to another daemon, exit 0.
 """
 
 from __future__ import annotations
@@ -599,11 +603,17 @@ class Daemon:
             log.info("stopping: %d running job(s) get %.0f s to finish", len(runs), self.settings.drain_s)
         deadline = time.monotonic() + self.settings.drain_s
         runs = [run for run in runs if run.thread is not None and run.thread.ident is not None]  # started ones
+        for run in runs:
+            if run.spec.live:  # a live job never finishes: waiting drain_s for it only delays its next daemon
+                run.cancel.set()
         while time.monotonic() < deadline and any(run.thread.is_alive() for run in runs):
             next(run for run in runs if run.thread.is_alive()).thread.join(
                 min(1.0, max(0.0, deadline - time.monotonic())))
             try:
                 self._poll_cancels()  # a cancel sent while draining is a cancel, not a requeue
+                entries = [run.spec.entry for run in runs if run.thread.is_alive() and not run.from_config]
+                for entry in self.queue.touch(entries):  # still ours while they finish (drain_s may pass claim_idle_s)
+                    self._lost(entry)
             except (*REDIS_ERRORS, redis_lib.ResponseError):
                 pass
         for run in runs:
