@@ -363,8 +363,10 @@ class Dispatcher:
         self._last_refresh = now
         listed = {w.endpoint: w for w in self.directory.endpoints()}
         for link in self.links:
-            # a leaving worker leaves the directory first, then returns the crops it holds
-            if link.endpoint not in listed and not link.dead and not (link.leaving and link.outstanding):
+            if link.endpoint in listed or link.dead:
+                continue
+            self._receive(link)  # a leaving worker says so before it leaves the directory
+            if not (link.leaving and link.outstanding):  # (it returns the crops it holds)
                 self._declare_dead(link, "left the worker directory")
         known = {link.endpoint for link in self.links if not link.dead}
         for endpoint, worker in listed.items():
@@ -419,6 +421,7 @@ class Dispatcher:
             if not link.leaving:
                 log.info("worker %s is stopping; %d crops to come back from it", link.name, len(link.outstanding))
                 link.leaving = True
+                link.tell(wire.Leaving(worker=header.worker))  # heard: nothing more comes from us
                 for track in [t for t, lk in self._affinity.items() if lk is link]:
                     del self._affinity[track]  # their next crops go elsewhere, starting afresh there
                 link.tracks.clear()

@@ -599,3 +599,27 @@ def test_a_stopping_worker_takes_nothing_new_finishes_what_it_holds_and_exits_wh
     d.close()
     second[0].stop_event.set()
     second[1].join(5)
+
+
+def test_crops_a_slow_decoder_sent_before_it_heard_the_worker_leave_are_still_restored():
+    """The worker waits for each decoder to answer its "leaving" (or DRAIN_HEARD_S): a decoder
+    that reads it late may have sent crops meanwhile, and they must not be lost."""
+    worker, thread, endpoint = _start_thread_worker(RecordingRestorer(), batch=2, batch_wait_ms=5, credits=4)
+    d = _dispatcher([endpoint])
+    worker.stop_event.set()
+    time.sleep(1.0)  # the worker said it is leaving; this decoder has not read it yet
+    tasks = _frames(4)
+    for t in tasks:
+        d.submit(t)
+    d._send_queued()  # four crops out, as a decoder does before its next read
+    assert len(d.links[0].outstanding) == 4
+    time.sleep(1.0)
+    done, deadline = [], time.monotonic() + 10
+    while len(done) < 4:
+        done += d.pump(20)
+        assert time.monotonic() < deadline, "crops sent before the decoder heard were lost"
+    assert all(np.array_equal(t.restored[0], t.crops[0].crop[::-1]) for t in done)
+    assert d.links[0].leaving
+    thread.join(10)
+    assert not thread.is_alive()  # and it exits once the decoder answered
+    d.close()

@@ -267,20 +267,28 @@ class GpuBudget:
         self.lost = threading.Event()  # set while a lapsed lease could not be taken again
         self.on_lost = None  # called with the MiB lost, when that happens
         self._stop = threading.Event()
+        self._released = False
         self._thread: threading.Thread | None = None
+        # one change at a time: the renewing thread's re-take of what it held must not undo a
+        # shrink the model thread made meanwhile, nor bring a lease back after release()
+        self._lock = threading.RLock()
 
     def acquire(self, mib: int) -> bool:
-        """Hold ``mib`` (replacing what we held); False if the device cannot spare it."""
-        ok, free = self._acquire(keys=[self.key], args=[self.holder, int(mib), self.ttl_ms, self.total_mib])
-        if ok:
-            self.mib = self.wanted = int(mib)
-            self.lost.clear()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._keep, name="memory-lease", daemon=True)
-                self._thread.start()
-        else:
-            log.info("memory budget %s: %d MiB wanted, %d MiB free", self.key, mib, free)
-        return bool(ok)
+        """Hold ``mib`` (replacing what we held); False if the device cannot spare it (or the
+        lease was released for good)."""
+        with self._lock:
+            if self._released:
+                return False
+            ok, free = self._acquire(keys=[self.key], args=[self.holder, int(mib), self.ttl_ms, self.total_mib])
+            if ok:
+                self.mib = self.wanted = int(mib)
+                self.lost.clear()
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._keep, name="memory-lease", daemon=True)
+                    self._thread.start()
+            else:
+                log.info("memory budget %s: %d MiB wanted, %d MiB free", self.key, mib, free)
+            return bool(ok)
 
     def _keep(self) -> None:
         while not self._stop.wait(self.ttl_ms / 3000):
@@ -292,28 +300,31 @@ class GpuBudget:
     def renew(self) -> bool:
         """Extend the lease; if it lapsed, take it again. False when that failed: then we hold
         nothing (see the class docstring)."""
-        if not self.wanted:
-            return True
-        if self.mib and self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]):
-            return True
-        if self.mib:
-            log.warning("memory lease on %s expired; taking it again", self.key)
-        if self.acquire(self.wanted):
-            return True
-        if not self.lost.is_set():
-            held, self.mib = self.mib, 0
-            log.error("memory lease on %s lapsed and other holders took the memory: %d MiB no longer held",
-                      self.key, held)
-            self.lost.set()
-            if self.on_lost is not None:
-                self.on_lost(held)
-        return False
+        with self._lock:
+            if not self.wanted:
+                return True
+            if self.mib and self._renew(keys=[self.key], args=[self.holder, self.ttl_ms]):
+                return True
+            if self.mib:
+                log.warning("memory lease on %s expired; taking it again", self.key)
+            if self.acquire(self.wanted):
+                return True
+            if not self.lost.is_set():
+                held, self.mib = self.mib, 0
+                log.error("memory lease on %s lapsed and other holders took the memory: %d MiB no longer held",
+                          self.key, held)
+                self.lost.set()
+                if self.on_lost is not None:
+                    self.on_lost(held)
+            return False
 
     def release(self) -> None:
-        self._stop.set()
-        self.wanted = 0
-        self.redis.hdel(self.key, f"lease:{self.holder}", f"total:{self.holder}")
-        self.mib = 0
+        with self._lock:
+            self._stop.set()
+            self._released = True
+            self.wanted = 0
+            self.redis.hdel(self.key, f"lease:{self.holder}", f"total:{self.holder}")
+            self.mib = 0
 
 
 def leases(redis, key: str) -> dict[str, int]:

@@ -15,6 +15,7 @@ Flow (decoder = DEALER, worker = ROUTER):
   worker  -> decoder  forgot      "I do not know you" (it restarted, or forgot a silent decoder):
                                   the answer to a crop or ping from an unknown decoder
   worker  -> decoder  leaving     it is stopping: it finishes the crops it holds; send it no more
+  decoder -> worker   leaving     the answer: heard (nothing more comes from this decoder)
   decoder -> worker   end_track   forget a track's temporal state
   decoder -> worker   ping        "still here" (once a second); a worker forgets a decoder
                                   that went silent, with its temporal state
@@ -131,7 +132,8 @@ class Forgot(_Message):
 
 
 class Leaving(_Message):
-    """The worker is stopping: the crops it holds come back; it takes no new ones."""
+    """Worker to decoder: it is stopping; the crops it holds come back, send it no more.
+    Decoder to worker, the answer: heard; nothing more comes from this decoder."""
 
     kind: Literal["leaving"] = "leaving"
     worker: str

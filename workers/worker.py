@@ -42,7 +42,7 @@ def single_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-DRAIN_QUIET_S = 0.5  # after a stop request: exit once no crop arrived for this long and none is held
+DRAIN_HEARD_S = 5.0  # after a stop request: how long to wait for a decoder to say it heard (then it is gone)
 DRAIN_MAX_S = 25.0  # within compose's 30 s stop_grace_period
 # A model's run-time estimate halves for every this many seconds it has not run: an estimate
 # made stale by one slow batch (a warm-up) cannot shed a model's deadline crops for ever
@@ -89,14 +89,18 @@ class Worker:
         self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
         self.endpoint: str | None = None
         self.stop_event = threading.Event()
+        # set when the drain gives up: a load waiting for memory ends then (not at the stop: the
+        # crops it would serve are ones the worker promised to finish)
+        self._abandon = threading.Event()
         if residency is not None:
-            residency.stop = self.stop_event  # a load waiting for memory ends when the worker stops
+            residency.stop = self._abandon
         self._pending: dict[str, deque[_Pending]] = {name: deque() for name in restorers}
         self._peers: dict[bytes, float] = {}  # decoders that said hello and not yet bye -> last heard
         self._sessions: dict[bytes, int] = {}  # decoder -> its session (replies of an earlier one are not sent)
         self._session_count = 0
         self.on_stopping: list = []  # called once when a stop begins (e.g. leave the Redis registry)
         self.lease_lost = threading.Event()  # set by the memory lease's thread (workers.budget.GpuBudget.on_lost)
+        self._heard_leaving: set[bytes] = set()  # decoders that answered our "leaving"
         self.peer_timeout_s = peer_timeout_s
         self._in_flight: dict[bytes, int] = {}  # crops held per decoder, at most the credits granted
         self._ending: set[tuple] = set()  # tracks to forget once their queued crops are done
@@ -145,6 +149,7 @@ class Worker:
             log.exception("worker %s failed", self.id)
             raise
         finally:
+            self._abandon.set()  # a load still waiting for memory gives up: nothing will wait for its batch
             self._model_thread.shutdown(wait=True)  # batches still in the model and the blender end first
             self._blend_thread.shutdown(wait=True)
             self.socket.close()
@@ -158,34 +163,37 @@ class Worker:
                 self._drain()
             self._run_ready_batches(flush=False)
             self._heartbeat()
+        left = time.monotonic()
         self._leave()
-        # The crops it holds are finished, and so are those that reach it before its decoders
-        # heard it leave (at most the credits it granted them: they send nothing more after),
-        # so the drain ends once nothing came for a moment.
-        give_up = time.monotonic() + DRAIN_MAX_S
-        quiet_until = time.monotonic() + DRAIN_QUIET_S
+        # The crops it holds are finished, and so are those that reach it before a decoder
+        # heard it leave (at most the credits it granted): a decoder answers "leaving" and
+        # sends nothing after, so once every decoder answered (or had DRAIN_HEARD_S to) and
+        # nothing is held, nothing more can come.
+        give_up = left + DRAIN_MAX_S
         while time.monotonic() < give_up:
-            if poller.poll(50) and self._drain():
-                quiet_until = time.monotonic() + DRAIN_QUIET_S
+            if poller.poll(50):
+                self._drain()
             self._run_ready_batches(flush=False, partial=True)
             self._heartbeat()  # a decoder takes a leaving worker that goes silent for gone
             held = self._batches or any(self._pending.values())
-            if not held and (not self._peers or time.monotonic() >= quiet_until):
+            heard = set(self._peers) <= self._heard_leaving or time.monotonic() - left >= DRAIN_HEARD_S
+            if not held and heard:
                 break
         if self._batches or any(self._pending.values()):
             log.warning("worker %s stops with crops unfinished after %.0f s of draining; their decoders send them "
                         "elsewhere", self.id, DRAIN_MAX_S)
 
     def _leave(self) -> None:
-        """The stop begins: leave the registry, tell every decoder."""
+        """The stop begins: tell every decoder, then leave the registry (a decoder that saw us
+        gone from it before it heard would take us for dead and send our crops elsewhere)."""
         log.info("worker %s draining", self.id)
+        for peer in self._peers:
+            self._send(peer, wire.Leaving(worker=self.id))
         for callback in self.on_stopping:
             try:
                 callback()
             except Exception:  # leaving the registry must not stop the drain
                 log.exception("worker %s: a stop callback failed", self.id)
-        for peer in self._peers:
-            self._send(peer, wire.Leaving(worker=self.id))
 
     # ------------------------------------------------------------------ receive
 
@@ -197,14 +205,12 @@ class Worker:
             return 100
         return max(0, int((oldest + self.batch_wait - time.monotonic()) * 1000))
 
-    def _drain(self) -> bool:
-        """Handle every message waiting; whether a crop was among them."""
-        crops = False
+    def _drain(self) -> None:
         while True:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return crops
+                return
             peer, body = frames[0].bytes, frames[1:]
             try:
                 header, pixels = wire.decode(body)
@@ -214,7 +220,6 @@ class Worker:
                 continue
             if peer in self._peers:
                 self._peers[peer] = time.monotonic()
-            crops |= isinstance(header, wire.Crop)
             self._handle(peer, header, pixels)
 
     def _handle(self, peer: bytes, header, pixels) -> None:
@@ -233,6 +238,8 @@ class Worker:
                 self._send(peer, wire.Forgot(worker=self.id))
         elif isinstance(header, wire.Bye):
             self._forget_peer(peer)
+        elif isinstance(header, wire.Leaving):  # a decoder heard we leave: nothing more comes from it
+            self._heard_leaving.add(peer)
         else:
             metrics.WIRE_INVALID.labels(side="worker").inc()
             log.warning("unexpected %s message from %s", header.kind, peer.hex())
