@@ -27,6 +27,7 @@ class _Listing:
         self._workers: list[dict] | None = None  # None: never read
         self._read_at = 0.0
         self._reading = False
+        self._first_read = threading.Event()
 
     def get(self) -> list[dict]:
         with self._lock:
@@ -35,8 +36,9 @@ class _Listing:
                 self._reading = True
                 if not first:
                     threading.Thread(target=self._read, name="worker-directory", daemon=True).start()
-        if first:  # the first answer is waited for: a job starts from it
+        if first:  # the first answer is waited for: a job starts from it (so do other callers meanwhile)
             self._read()
+        self._first_read.wait()
         with self._lock:
             return self._workers or []
 
@@ -49,6 +51,7 @@ class _Listing:
             if workers is not None or self._workers is None:
                 self._workers = workers or []
             self._read_at, self._reading = time.monotonic(), False
+        self._first_read.set()
 
 
 class RedisDirectory:

@@ -104,7 +104,11 @@ class Child:
         self._out = b""
         os.set_blocking(self.proc.stdout.fileno(), False)
         self.writer = PipeWriter(self.proc.stdin.fileno(), connect_s)
-        self.writer.write((json.dumps({"url": url, "muxer": muxer, "options": options}) + "\n").encode())
+        try:
+            self.writer.write((json.dumps({"url": url, "muxer": muxer, "options": options}) + "\n").encode())
+        except BaseException:  # it took not even its order: it is not left running
+            self.kill()
+            raise
 
     def check(self) -> bool:
         """Raises ``ChildFailed`` or ``OutputStuck`` when this output must be given up; returns

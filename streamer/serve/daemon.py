@@ -317,7 +317,12 @@ class Daemon:
             job_id = job_id_of(decode_fields(raw), entry)
         except Exception:  # not even an id: record it under one made from the entry
             job_id = f"entry-{entry}"
-        self.store.register(job_id, entry, {})
+        found = self.store.register(job_id, entry, {})
+        if found is not None and found[1] != entry:  # the id is another entry's job: this one is dropped
+            log.error("job entry %s (id %s) could not be read, and the id belongs to entry %s; dropping it",
+                      entry, job_id, found[1])
+            self.queue.ack(entry)
+            return
         self._finish_now(job_id, entry, JobState.FAILED, error)
 
     def _take_entry(self, entry: str, raw: dict) -> None:
