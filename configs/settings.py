@@ -144,6 +144,7 @@ class ServeSettings(_Settings):
     input_roots: list[Path]
     output_roots: list[Path]
     live_sources: list[str]
+    live_outputs: list[str]
     streams: list[dict[str, Any]]
 
 

@@ -368,6 +368,9 @@ def test_bad_jobs_fail_with_a_clear_reason_and_the_daemon_keeps_serving(redis_se
         # entries that made the parser itself raise (urlsplit's ValueError, json's RecursionError)
         "bad-ipv6-url": ({"input": "rtsp://[::1", "output": f"{out}/x.mp4"}, "input is not a valid URL"),
         "bad-output-url": ({"input": "rtsp://127.0.0.1:9/cam", "output": "http://[x"}, "output is not a valid URL"),
+        # a stream output not in serve.live_outputs: the daemon does not send pictures anywhere a submitter says
+        "output-not-allowed": ({"input": "rtsp://127.0.0.1:9/cam", "output": "rtmp://elsewhere.example/live/x"},
+                               "live output rtmp://elsewhere.example is not allowed here (serve.live_outputs"),
         "deep-json": ({"input": ok_in, "output": f"{out}/x.mp4", "options": "[" * 100000},
                       "options is not usable JSON"),
     }
@@ -621,7 +624,8 @@ def test_credentials_in_urls_never_reach_the_daemon_log(tmp_path, roots):
     try:
         by_query = SimpleNamespace(url=f"redis://127.0.0.1:{server.port}/0?password=s3cret-pw", client=server.client)
         prefix = unique_prefix()
-        daemon = Daemon(by_query, prefix, roots, env={"GPEN_STREAM_SERVE_LIVE_SOURCES": '["rtsp://127.0.0.1"]'})
+        daemon = Daemon(by_query, prefix, roots, env={"GPEN_STREAM_SERVE_LIVE_SOURCES": '["rtsp://127.0.0.1"]',
+                                                      "GPEN_STREAM_SERVE_LIVE_OUTPUTS": '["rtsp://127.0.0.1"]'})
         r = server.client()
         r.xadd(f"{prefix}:jobs", {"id": "cam", "input": "rtsp://admin:cam-s3cret@127.0.0.1:9/stream",
                                   "output": "rtsp://pub:out-s3cret@127.0.0.1:9/out"})

@@ -50,7 +50,7 @@ def is_stream_url(text: str) -> bool:
     return urlsplit(text).scheme.lower() in NETWORK_SCHEMES
 
 
-def check_allowed(url: str, allowed: list[str]) -> None:
+def check_allowed(url: str, allowed: list[str], *, role: str = "input", setting: str = "serve.live_sources") -> None:
     """``allowed`` holds "scheme://host" (host may be *) entries; the URL must match one."""
     parts = urlsplit(url)
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
@@ -59,8 +59,8 @@ def check_allowed(url: str, allowed: list[str]) -> None:
         if rule.scheme.lower() == scheme and (rule.netloc in ("*", "") or (rule.hostname or "").lower() == host):
             return
     shown = f"{scheme}://{host}"
-    raise LiveRefused(f"live input {shown} is not allowed here (serve.live_sources: "
-                      f"{', '.join(allowed) or 'none: live jobs are refused'})")
+    raise LiveRefused(f"live {role} {shown} is not allowed here ({setting}: "
+                      f"{', '.join(allowed) or 'none: refused'})")
 
 
 def run_live(engine, stream: LiveStream, options: JobOptions, settings: LiveSettings, *,

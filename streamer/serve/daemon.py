@@ -56,6 +56,8 @@ from workers import metrics
 log = logging.getLogger(__name__)
 
 LOOP_S = 1.0  # housekeeping period of the main loop
+ANY_STREAM = ["rtsp://*", "rtsps://*", "rtmp://*", "rtmps://*", "srt://*", "udp://*", "rtp://*", "tcp://*", "http://*",
+              "https://*"]
 CANCEL_POLL_S = 0.5  # a running job sees a cancel request within this (plus one progress tick)
 PROGRESS_EVERY_S = 1.0  # at most one progress event per job per second
 DAEMON_TTL_S = 15
@@ -360,7 +362,7 @@ class Daemon:
         try:
             spec = parse_job(fields, entry, input_roots=self.settings.input_roots,
                              output_roots=self.settings.output_roots, defaults=self.defaults,
-                             live_sources=self.settings.live_sources)
+                             live_sources=self.settings.live_sources, live_outputs=self.settings.live_outputs)
         except JobRejected as exc:
             log.error("rejected: %s", exc, extra={"job": job_id})
             self._finish_now(job_id, entry, JobState.FAILED, str(exc), output=current.get("output"))
@@ -415,8 +417,7 @@ class Daemon:
             try:
                 spec = parse_job(fields, entry, input_roots=self.settings.input_roots,
                                  output_roots=self.settings.output_roots, defaults=self.defaults,
-                                 live_sources=["rtsp://*", "rtsps://*", "rtmp://*", "rtmps://*", "srt://*", "udp://*",
-                                               "rtp://*", "tcp://*", "http://*", "https://*"])
+                                 live_sources=ANY_STREAM, live_outputs=ANY_STREAM)  # the operator's own
                 if not spec.live:
                     raise JobRejected("serve.streams lists live feeds; give an rtsp://, rtmp://, srt:// or udp:// input")
             except JobRejected as exc:

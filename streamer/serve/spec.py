@@ -73,7 +73,7 @@ def job_id_of(fields: dict[str, str], entry: str) -> str:
 
 
 def parse_job(fields: dict[str, str], entry: str, *, input_roots: list[Path], output_roots: list[Path],
-              defaults: JobOptions, live_sources: list[str] = ()) -> JobSpec:
+              defaults: JobOptions, live_sources: list[str] = (), live_outputs: list[str] = ()) -> JobSpec:
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise JobRejected(f"unknown field(s) {', '.join(unknown)}; a job has {', '.join(FIELDS)}")
@@ -95,8 +95,14 @@ def parse_job(fields: dict[str, str], entry: str, *, input_roots: list[Path], ou
         except (LiveRefused, ValueError) as exc:
             raise JobRejected(str(exc)) from None
         target = fields["output"]
-        output = target if _stream_url(target, "output") else resolve_under(target, output_roots, "output",
-                                                                           must_exist=False)
+        if _stream_url(target, "output"):  # where the daemon may send pictures, as where it may read them
+            try:
+                check_allowed(target, list(live_outputs), role="output", setting="serve.live_outputs")
+            except (LiveRefused, ValueError) as exc:
+                raise JobRejected(str(exc)) from None
+            output = target
+        else:
+            output = resolve_under(target, output_roots, "output", must_exist=False)
         if faces_field is not None:
             raise JobRejected("option 'faces' is for file jobs; a live job finds faces itself")
         return JobSpec(job_id, fields["input"], output, options, None, entry, live=True)
