@@ -68,6 +68,13 @@ def _wait_state(r, prefix, job_id, states, timeout=90):
     raise AssertionError(f"job {job_id} never reached {states}: {_job(r, prefix, job_id)}")
 
 
+def _wait_progress(r, prefix, job_id, fraction, daemon, timeout=60):
+    deadline = time.monotonic() + timeout
+    while float(_job(r, prefix, job_id).get("progress") or 0) < fraction:
+        assert time.monotonic() < deadline, daemon.text()
+        time.sleep(0.05)
+
+
 def _events(r, prefix, job_id):
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in r.xrange(f"{prefix}:events")
             if fields.get(b"id") == job_id.encode()]
@@ -119,10 +126,7 @@ def test_a_daemon_killed_in_the_middle_leaves_the_job_to_another(redis_server, r
     out = roots / "out" / "long.mp4"
     r.xadd(f"{prefix}:jobs", {"id": "long", "input": str(clip.path), "output": str(out),
                               "options": json.dumps({"faces": str(clip.faces_path)})})
-    deadline = time.monotonic() + 60
-    while float(_job(r, prefix, "long").get("progress") or 0) < 0.15:
-        assert time.monotonic() < deadline, first.text()
-        time.sleep(0.05)
+    _wait_progress(r, prefix, "long", 0.15, first)
     first.stop(signal.SIGKILL)
     assert _leftovers(roots / "out")  # the dead daemon's half-written file
     second = Daemon(redis_server, prefix, roots, name="second")
@@ -196,10 +200,7 @@ def test_a_daemon_that_stalls_and_loses_its_job_stops_instead_of_running_it_twic
         b.proc.send_signal(signal.SIGSTOP)  # a takes the job
         r.xadd(f"{prefix}:jobs", {"id": "v", "input": str(clip.path), "output": str(out),
                                   "options": json.dumps({"faces": str(clip.faces_path)})})
-        deadline = time.monotonic() + 60
-        while float(_job(r, prefix, "v").get("progress") or 0) < 0.1:
-            assert time.monotonic() < deadline, a.text()
-            time.sleep(0.05)
+        _wait_progress(r, prefix, "v", 0.1, a)
         a.proc.send_signal(signal.SIGSTOP)  # a stalls (a VM pause, a swap storm) past claim_idle_s
         b.proc.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + 60
@@ -434,26 +435,26 @@ def test_a_job_that_fails_every_attempt_ends_in_the_dead_letter_stream(redis_ser
     assert r.xpending(f"{prefix}:jobs", prefix)["pending"] == 0
 
 
-def test_sigterm_lets_the_running_job_finish_then_exits_0(redis_server, roots):
-    clip = make_clip(roots / "in" / "t.mp4", frames=60, audio=False)
+def _a_running_job(redis_server, roots, job_id: str, *, frames: int, env=None):
+    """A daemon running job ``job_id`` (a clip of ``frames`` frames, written to out/<id>.mp4)."""
+    clip = make_clip(roots / "in" / f"{job_id}.mp4", frames=frames, audio=False)
     prefix = unique_prefix()
-    daemon = Daemon(redis_server, prefix, roots)
+    daemon = Daemon(redis_server, prefix, roots, env=env)
     r = redis_server.client()
-    r.xadd(f"{prefix}:jobs", {"id": "t", "input": str(clip.path), "output": str(roots / "out" / "t.mp4"),
+    r.xadd(f"{prefix}:jobs", {"id": job_id, "input": str(clip.path), "output": str(roots / "out" / f"{job_id}.mp4"),
                               "options": json.dumps({"faces": str(clip.faces_path)})})
-    _wait_state(r, prefix, "t", {"running"})
+    _wait_state(r, prefix, job_id, {"running"})
+    return daemon, r, prefix
+
+
+def test_sigterm_lets_the_running_job_finish_then_exits_0(redis_server, roots):
+    daemon, r, prefix = _a_running_job(redis_server, roots, "t", frames=60)
     assert daemon.stop(signal.SIGTERM) == 0
     assert _job(r, prefix, "t")["state"] == "done" and len(read_frames(roots / "out" / "t.mp4")[0]) == 60
 
 
 def test_sigterm_past_the_drain_time_leaves_the_job_pending_for_another_daemon(redis_server, roots):
-    clip = make_clip(roots / "in" / "p.mp4", frames=300, audio=False)
-    prefix = unique_prefix()
-    daemon = Daemon(redis_server, prefix, roots, env={"GPEN_STREAM_SERVE_DRAIN_S": "0.5"})
-    r = redis_server.client()
-    r.xadd(f"{prefix}:jobs", {"id": "p", "input": str(clip.path), "output": str(roots / "out" / "p.mp4"),
-                              "options": json.dumps({"faces": str(clip.faces_path)})})
-    _wait_state(r, prefix, "p", {"running"})
+    daemon, r, prefix = _a_running_job(redis_server, roots, "p", frames=300, env={"GPEN_STREAM_SERVE_DRAIN_S": "0.5"})
     assert daemon.stop(signal.SIGTERM) == 0
     job = _job(r, prefix, "p")
     assert job["state"] == "queued" and "will run again" in job["error"]
@@ -461,13 +462,7 @@ def test_sigterm_past_the_drain_time_leaves_the_job_pending_for_another_daemon(r
 
 
 def test_a_cancel_sent_while_the_daemon_drains_cancels_the_job(redis_server, roots):
-    clip = make_clip(roots / "in" / "c.mp4", frames=900, audio=False)
-    prefix = unique_prefix()
-    daemon = Daemon(redis_server, prefix, roots, env={"GPEN_STREAM_SERVE_DRAIN_S": "60"})
-    r = redis_server.client()
-    r.xadd(f"{prefix}:jobs", {"id": "c", "input": str(clip.path), "output": str(roots / "out" / "c.mp4"),
-                              "options": json.dumps({"faces": str(clip.faces_path)})})
-    _wait_state(r, prefix, "c", {"running"})
+    daemon, r, prefix = _a_running_job(redis_server, roots, "c", frames=900, env={"GPEN_STREAM_SERVE_DRAIN_S": "60"})
     daemon.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     r.hset(f"{prefix}:job:c", "cancel", 1)

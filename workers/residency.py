@@ -44,7 +44,7 @@ class Residency:
         self.memory: dict[str, MemoryModel] = {}
         self.blend = blend  # the temporal blend's memory (workers.budget.calibrate_blend), leased beside the models'
         self.last_used: dict[str, float] = {}
-        self.stop = threading.Event()  # the worker's stop: waiting for memory ends with it
+        self.stop = threading.Event()  # set when the worker gives up draining: waiting for memory ends
 
     def get(self, name: str):
         """The loaded model ``name``, loading it (and unloading others to make room) if needed."""
