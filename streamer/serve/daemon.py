@@ -43,7 +43,7 @@ from configs.errors import Cancelled, GpenStreamError
 from streamer import logs
 from streamer.logs import redact_text
 from streamer.engine import Engine
-from streamer.jobs.live import LiveStream, run_live
+from streamer.jobs.live import NETWORK_SCHEMES, LiveStream, run_live
 from streamer.jobs.restore import restore_file
 from streamer.pipeline import Progress
 from streamer.serve.connection import REDIS_ERRORS, connect, redact, transient
@@ -56,8 +56,7 @@ from workers import metrics
 log = logging.getLogger(__name__)
 
 LOOP_S = 1.0  # housekeeping period of the main loop
-ANY_STREAM = ["rtsp://*", "rtsps://*", "rtmp://*", "rtmps://*", "srt://*", "udp://*", "rtp://*", "tcp://*", "http://*",
-              "https://*"]
+ANY_STREAM = [f"{scheme}://*" for scheme in NETWORK_SCHEMES]  # serve.streams: the operator's own feeds
 CANCEL_POLL_S = 0.5  # a running job sees a cancel request within this (plus one progress tick)
 PROGRESS_EVERY_S = 1.0  # at most one progress event per job per second
 DAEMON_TTL_S = 15
